@@ -17,10 +17,12 @@ This module imports numpy and safetensors only (never torch).
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -437,11 +439,26 @@ def _parse(path: Path, raw: Mapping[str, RawTensor], meta: Mapping[str, str]) ->
         source=path,
     )
     patch.validate()
+    _check_signature_fields(path, patch)
     unsigned = {k: v for k, v in meta.items() if k not in _UNSIGNED_KEYS}
     actual = _digest(patch.tensors(), unsigned)
     if actual != meta["digest"]:
         raise PatchError(f"{path}: content digest mismatch (file says {meta['digest'][:23]}…, content is {actual[:23]}…): the patch was modified")
     return patch
+
+
+def _check_signature_fields(path: Path, patch: Patch) -> None:
+    """Signature fields are outside the digest: check at least their form on every read."""
+    if patch.signature is None and patch.key_id is None:
+        return
+    try:
+        raw = base64.b64decode(patch.signature or "", validate=True)
+    except ValueError:
+        raw = b""
+    if len(raw) != 64:
+        raise PatchError(f"{path}: malformed signature (expected 64 base64-encoded bytes)")
+    if not re.fullmatch(r"[0-9a-f]{16}", patch.key_id or ""):
+        raise PatchError(f"{path}: malformed key id {patch.key_id!r}")
 
 
 def _decode(path: Path, name: str, tensor: RawTensor) -> np.ndarray:
