@@ -1,0 +1,215 @@
+"""Serve a (patched) CLIP for zero-shot classification, with or without torch.
+
+    import runtime
+    model = runtime.load("export-dir")                 # onnxruntime, CPU; no torch imported
+    model = runtime.load("export-dir", providers=["cuda"])
+    model = runtime.load("mini", backend="torch")      # open_clip, the reference
+    preds = model.classify(["cat.jpg"], ["cat", "dog"], templates=["a photo of a {}."])
+    model.apply_patch("forget-cat.fpatch.safetensors")  # hot-swap: no re-export, no file written
+    model.remove_patch(model.patches[0])
+
+Backends are found through the ``forgetpack.runtime_backends`` entry points (see
+runtime/backends/__init__.py for the interface); ``onnx`` and ``torch`` ship with forgetpack.
+This module imports neither torch nor onnxruntime itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from forgetpack.errors import ForgetpackError, PatchError
+from forgetpack.patch import Patch, read_patch
+from runtime.backends import Backend, backend_class, check_patch, discover
+from runtime.preprocess import ImageInput, load_image
+
+__all__ = ["Model", "Prediction", "load", "available_backends", "DEFAULT_TEMPLATES"]
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The zero-shot result for one image."""
+
+    label: str
+    index: int
+    score: float  # softmax probability over the labels (logit scale applied)
+    probs: np.ndarray  # [n_labels]
+    similarity: np.ndarray  # [n_labels] cosine similarities
+
+    def top(self, labels: Sequence[str], k: int = 5) -> list[tuple[str, float]]:
+        order = np.argsort(-self.probs, kind="stable")[:k]
+        return [(labels[i], float(self.probs[i])) for i in order]
+
+
+def available_backends() -> list[str]:
+    return sorted(discover())
+
+
+def load(
+    source: str | os.PathLike[str],
+    backend: str | None = None,
+    providers: Sequence[Any] | str | None = None,
+    trusted_keys: Sequence[Any] | None = None,
+    **options: Any,
+) -> Model:
+    """Load an export directory or a model spec with a backend.
+
+    ``backend=None`` picks ``onnx`` for an export directory and ``torch`` otherwise.
+    ``trusted_keys`` (public key paths or loaded ed25519 keys): accept only patches signed by
+    one of them. Other keyword options go to the backend (e.g. ``threads=2``).
+    """
+    if backend is None:
+        backend = "onnx" if Path(source).is_dir() else "torch"
+    cls = backend_class(backend)
+    if backend == "onnx" and not Path(source).is_dir():
+        raise ForgetpackError(f"{source}: not an export directory; the onnx backend serves the output of 'forgetpack export' (or use --backend torch)")
+    return Model(cls(source, providers=providers, **options), trusted_keys=trusted_keys)
+
+
+class Model:
+    """One small interface over any backend: encode, classify, and patch control."""
+
+    def __init__(self, backend: Backend, trusted_keys: Sequence[Any] | None = None):
+        self.backend = backend
+        self._patches: list[Patch] = []
+        self._keys = _load_keys(trusted_keys) if trusted_keys else None
+
+    @property
+    def model_id(self) -> str:
+        return self.backend.model_id
+
+    # -- encoding --------------------------------------------------------------------
+
+    def encode_image(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
+        """L2-normalised image embeddings ``[n, d]`` (paths, bytes, PIL images or arrays)."""
+        images = _as_list(images)
+        return _normalise(self.backend.encode_images([load_image(im) for im in images]))
+
+    def encode_text(self, texts: str | Sequence[str]) -> np.ndarray:
+        """L2-normalised text embeddings ``[n, d]``."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return _normalise(self.backend.encode_texts(texts))
+
+    def classifier(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
+        """Zero-shot class weights ``[d, n_labels]``: each label's template embeddings averaged, as open_clip does."""
+        labels = _check_labels(labels)
+        templates = _check_templates(templates)
+        texts = [t.replace("{}", label) for label in labels for t in templates]
+        emb = self.encode_text(texts).reshape(len(labels), len(templates), -1).mean(axis=1)
+        return _normalise(emb).T
+
+    def classify(
+        self, images: ImageInput | Sequence[ImageInput], labels: Sequence[str], templates: Sequence[str] | None = None
+    ) -> list[Prediction]:
+        """Zero-shot classification of ``images`` over ``labels``."""
+        labels = _check_labels(labels)
+        weights = self.classifier(labels, templates)
+        similarity = self.encode_image(images) @ weights
+        logits = self.backend.logit_scale * similarity
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        out = []
+        for sim, p in zip(similarity, probs, strict=True):
+            i = int(np.argmax(sim))
+            out.append(Prediction(labels[i], i, float(p[i]), p, sim))
+        return out
+
+    # -- patches ---------------------------------------------------------------------
+
+    @property
+    def patches(self) -> tuple[Patch, ...]:
+        """The hot-applied patches, in order (patches baked in at export are in ``baked``)."""
+        return tuple(self._patches)
+
+    @property
+    def baked(self) -> tuple[str, ...]:
+        return tuple(self.backend.baked)
+
+    def apply_patch(self, patch: Patch | str | os.PathLike[str]) -> Patch:
+        """Apply a patch on top of the current ones, after verifying it fits this model's base."""
+        patch = patch if isinstance(patch, Patch) else read_patch(patch)
+        if self._keys is not None:
+            from forgetpack.signing import verify_signature
+
+            verify_signature(patch, self._keys)
+        if any(p.digest == patch.digest for p in self._patches):
+            raise PatchError(f"{patch.source or patch.digest[:23]}: is already applied")
+        check_patch(patch, self.backend.targets, self.backend.baked)
+        self.backend.set_patches([*self._patches, patch])
+        self._patches.append(patch)
+        return patch
+
+    def remove_patch(self, patch: Patch | str | os.PathLike[str]) -> Patch:
+        """Remove an applied patch (by Patch, digest or file); the rest are re-applied from the base, exactly."""
+        digest = _digest_of(patch)
+        if digest in self.backend.baked:
+            raise PatchError(f"{digest[:23]}…: is baked into the export; re-export without it to remove it")
+        matches = [p for p in self._patches if p.digest == digest]
+        if not matches:
+            raise PatchError(f"{digest[:23]}…: is not applied (applied: {', '.join(p.digest[:15] for p in self._patches) or 'none'})")
+        remaining = [p for p in self._patches if p.digest != digest]
+        self.backend.set_patches(remaining)
+        self._patches = remaining
+        return matches[0]
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _as_list(images: Any) -> list[Any]:
+    if isinstance(images, (str, os.PathLike, bytes)) or not isinstance(images, Sequence):
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            return list(images)
+        return [images]
+    return list(images)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norm, np.float32(1e-12))
+
+
+def _check_labels(labels: Sequence[str]) -> list[str]:
+    if isinstance(labels, str):
+        labels = [labels]
+    labels = [str(label).strip() for label in labels]
+    if not labels or not any(labels):
+        raise ForgetpackError("no labels given: classification needs at least one label")
+    if any(not label for label in labels):
+        raise ForgetpackError("empty label in the label list")
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise ForgetpackError(f"duplicate label(s): {', '.join(duplicates)}")
+    return labels
+
+
+def _check_templates(templates: Sequence[str] | None) -> list[str]:
+    templates = list(DEFAULT_TEMPLATES if templates is None else ([templates] if isinstance(templates, str) else templates))
+    if not templates:
+        raise ForgetpackError("no templates given")
+    for t in templates:
+        if "{}" not in t:
+            raise ForgetpackError(f"template {t!r} has no '{{}}' where the label goes")
+    return templates
+
+
+def _digest_of(patch: Patch | str | os.PathLike[str]) -> str:
+    if isinstance(patch, Patch):
+        return patch.digest
+    if isinstance(patch, str) and patch.startswith("sha256:") and not Path(patch).exists():
+        return patch
+    return read_patch(patch).digest
+
+
+def _load_keys(keys: Sequence[Any]) -> list[Any]:
+    from forgetpack.signing import load_public_key
+
+    return [load_public_key(k) if isinstance(k, (str, os.PathLike)) else k for k in keys]

@@ -1,0 +1,237 @@
+"""The onnxruntime backend: serves an export directory with onnxruntime, numpy, PIL and tokenizers.
+
+No torch here, ever (a test runs it with torch absent from ``sys.modules``).
+
+Hot-swap: each tower graph outputs both ``embeddings`` and ``features`` (the input of the
+final projection). The backend reads the projection matrices out of the graph file itself
+(runtime/onnxfile.py), checks them against the manifest's fingerprints, and computes
+``embeddings = features @ W`` in numpy with the current matrix: applying or removing a
+patch only replaces ``W`` (milliseconds; no file is written, no session rebuilt), and text
+features are cached per prompt, so re-classifying after a swap re-encodes nothing. A
+projection the export could not prove re-projectable falls back to rebuilding that tower's
+session with ``SessionOptions.add_initializer`` (names checked against the graph first,
+since onnxruntime ignores unknown ones).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from forgetpack.errors import ForgetpackError
+from forgetpack.patch import Patch, fingerprint
+from runtime.backends import Backend, TargetInfo, compose
+from runtime.manifest import EXPORT_ID_KEY, Manifest
+from runtime.onnxfile import OnnxFile
+from runtime.preprocess import Preprocessor
+from runtime.tokenizer import TextTokenizer
+
+SHORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
+               "openvino": "OpenVINOExecutionProvider", "coreml": "CoreMLExecutionProvider", "dml": "DmlExecutionProvider"}
+TEXT_CACHE_SIZE = 65536
+TEXT_BATCH = 64
+IMAGE_BATCH = 32
+
+ProviderSpec = str | tuple[str, dict[str, Any]]
+
+
+def resolve_providers(providers: Sequence[ProviderSpec] | str | None) -> list[ProviderSpec]:
+    """Provider names (``"cuda"`` or ``"CUDAExecutionProvider"``, optionally with options), checked
+    against this onnxruntime build: asking for one it lacks is a clear error, not a silent CPU run."""
+    import onnxruntime as ort
+
+    if providers is None:
+        return ["CPUExecutionProvider"]
+    if isinstance(providers, str):
+        providers = [p for p in providers.split(",") if p.strip()]
+    available = ort.get_available_providers()
+    out: list[ProviderSpec] = []
+    for spec in providers:
+        name, options = (spec, None) if isinstance(spec, str) else (spec[0], spec[1])
+        name = SHORT_NAMES.get(name.strip().lower(), name.strip())
+        if name not in available:
+            hint = " (install onnxruntime-gpu with a matching CUDA and cuDNN)" if name == "CUDAExecutionProvider" else ""
+            raise ForgetpackError(
+                f"execution provider {name} is not available in this onnxruntime {ort.__version__} "
+                f"(available: {', '.join(available)}){hint}"
+            )
+        out.append(name if options is None else (name, options))
+    if "CPUExecutionProvider" not in [p if isinstance(p, str) else p[0] for p in out]:
+        out.append("CPUExecutionProvider")  # for the ops another provider does not implement
+    return out
+
+
+class OnnxBackend(Backend):
+    """Serve an export directory with onnxruntime."""
+
+    name = "onnx"
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str],
+        providers: Sequence[ProviderSpec] | str | None = None,
+        threads: int | None = None,
+        **options: Any,
+    ):
+        if options:
+            raise ForgetpackError(f"unknown option(s) for the onnx backend: {', '.join(sorted(options))}")
+        self.directory = Path(source)
+        self.manifest = manifest = Manifest.read(self.directory)
+        self.model_id = manifest.model_id
+        self.logit_scale = manifest.logit_scale
+        self.baked = tuple(p["digest"] for p in manifest.patches)
+        self.providers = resolve_providers(providers)
+        self.threads = threads
+        self._graphs = {name: self._open_graph(name) for name in manifest.towers}
+        self._graph_matrices: dict[str, np.ndarray] = {}
+        self._bias: dict[str, np.ndarray | None] = {}
+        for target, proj in manifest.projections.items():
+            graph = self._graphs[proj.tower]
+            matrix = self._read(graph, proj.initializer)
+            if list(matrix.shape) != list(proj.shape) or fingerprint(matrix) != proj.current:
+                raise ForgetpackError(
+                    f"{graph.path}: initializer {proj.initializer!r} does not match the manifest "
+                    f"(fingerprint {fingerprint(matrix)[:23]}…, manifest says {proj.current[:23]}…): manifest and graph are from different exports"
+                )
+            self._graph_matrices[target] = matrix
+            self._bias[target] = self._read(graph, proj.bias).astype(np.float32) if proj.bias else None
+        self.targets = {t: TargetInfo(tuple(p.shape), p.layout, p.base) for t, p in manifest.projections.items()}
+        self._matrices = dict(self._graph_matrices)  # current state: graph (+ baked) + hot patches
+        self._sessions = {name: self._session(name, {}) for name in manifest.towers}
+        self._preprocess = Preprocessor(manifest.preprocess) if "image" in manifest.towers else None
+        self._tokenizer = TextTokenizer(self.directory, manifest.tokenizer) if "text" in manifest.towers else None
+        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    # -- loading ---------------------------------------------------------------------
+
+    def _open_graph(self, tower: str) -> OnnxFile:
+        spec = self.manifest.towers[tower]
+        path = self.directory / spec.file
+        if not path.is_file():
+            raise ForgetpackError(f"{self.directory}: the manifest lists {spec.file} for the {tower} tower, but it is missing")
+        graph = OnnxFile(path)
+        found = graph.metadata.get(EXPORT_ID_KEY)
+        if found != self.manifest.export_id:
+            raise ForgetpackError(
+                f"{path}: belongs to another export (graph export id {str(found)[:23]}…, manifest {self.manifest.export_id[:23]}…): "
+                "manifest and graph do not match"
+            )
+        return graph
+
+    @staticmethod
+    def _read(graph: OnnxFile, name: str) -> np.ndarray:
+        info = graph.initializers.get(name)
+        if info is None:
+            raise ForgetpackError(f"{graph.path}: has no initializer {name!r}, which the manifest names: manifest and graph do not match")
+        return info.array()
+
+    def _session(self, tower: str, overrides: dict[str, np.ndarray]) -> Any:
+        import onnxruntime as ort
+
+        spec = self.manifest.towers[tower]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            options.intra_op_num_threads = int(self.threads)
+            options.inter_op_num_threads = 1
+        keep = []
+        for name, value in overrides.items():
+            if name not in self._graphs[tower].initializers:  # onnxruntime would silently ignore it
+                raise ForgetpackError(f"{spec.file}: has no initializer {name!r} to replace")
+            value = np.ascontiguousarray(value)
+            keep.append(value)
+            options.add_initializer(name, ort.OrtValue.ortvalue_from_numpy(value))
+        path = self.directory / spec.file
+        try:
+            session = ort.InferenceSession(str(path), options, providers=self.providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ForgetpackError(f"{path}: onnxruntime cannot load it ({' '.join(str(exc).split())[:300]})") from None
+        session._forgetpack_keep = keep  # the initializers must outlive the session
+        wanted = [p if isinstance(p, str) else p[0] for p in self.providers]
+        missing = [p for p in wanted if p not in session.get_providers()]
+        if missing:
+            raise ForgetpackError(f"execution provider {missing[0]} could not be initialised (onnxruntime fell back to {', '.join(session.get_providers())})")
+        inputs = {i.name: i for i in session.get_inputs()}
+        outputs = {o.name for o in session.get_outputs()}
+        expected_out = {spec.embeddings} | ({spec.features} if spec.features else set())
+        if spec.input not in inputs or len(inputs) != 1 or not expected_out <= outputs:
+            raise ForgetpackError(
+                f"{path}: inputs {sorted(inputs)} / outputs {sorted(outputs)} do not match the manifest "
+                f"({spec.input} / {sorted(expected_out)}): manifest and graph do not match"
+            )
+        if len(inputs[spec.input].shape) != len(spec.input_shape):
+            raise ForgetpackError(f"{path}: input {spec.input} has rank {len(inputs[spec.input].shape)}, the manifest says {len(spec.input_shape)}")
+        return session
+
+    # -- encoding --------------------------------------------------------------------
+
+    def _reprojects(self, tower: str) -> str | None:
+        """The target re-projected in numpy for ``tower``, or None (use the graph's embeddings)."""
+        target = self.manifest.towers[tower].projection
+        if target is None or not self.manifest.projections[target].reproject:
+            return None
+        return target
+
+    def _project(self, target: str, features: np.ndarray) -> np.ndarray:
+        w = self._matrices[target]
+        out = features @ w if self.targets[target].layout == "in_out" else features @ w.T
+        bias = self._bias[target]
+        return out + bias if bias is not None else out
+
+    def _run(self, tower: str, batch: np.ndarray) -> np.ndarray:
+        spec = self.manifest.towers[tower]
+        target = self._reprojects(tower)
+        output = spec.features if target is not None else spec.embeddings
+        (result,) = self._sessions[tower].run([output], {spec.input: batch})
+        return result
+
+    def encode_images(self, images: Sequence[Any]) -> np.ndarray:
+        if self._preprocess is None:
+            raise ForgetpackError(f"{self.directory}: this export has no image tower")
+        chunks = [self._run("image", np.stack([self._preprocess(im) for im in images[i : i + IMAGE_BATCH]]))
+                  for i in range(0, len(images), IMAGE_BATCH)]
+        out = np.concatenate(chunks) if chunks else np.zeros((0, self.manifest.embed_dim), np.float32)
+        target = self._reprojects("image")
+        return self._project(target, out) if target is not None else out
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        if self._tokenizer is None:
+            raise ForgetpackError(f"{self.directory}: this export has no text tower")
+        target = self._reprojects("text")
+        if target is None:  # no cache: embeddings depend on the (possibly rebuilt) session
+            chunks = [self._run("text", self._tokenizer(list(texts[i : i + TEXT_BATCH]))) for i in range(0, len(texts), TEXT_BATCH)]
+            return np.concatenate(chunks) if chunks else np.zeros((0, self.manifest.embed_dim), np.float32)
+        todo = list(dict.fromkeys(t for t in texts if t not in self._text_cache))
+        for i in range(0, len(todo), TEXT_BATCH):
+            chunk = todo[i : i + TEXT_BATCH]
+            for text, row in zip(chunk, self._run("text", self._tokenizer(chunk)), strict=True):
+                self._text_cache[text] = row
+        features = np.stack([self._text_cache[t] for t in texts]) if texts else np.zeros((0, self.targets[target].shape[0]), np.float32)
+        for text in texts:
+            self._text_cache.move_to_end(text)
+        while len(self._text_cache) > TEXT_CACHE_SIZE:
+            self._text_cache.popitem(last=False)
+        return self._project(target, features)
+
+    # -- patches ---------------------------------------------------------------------
+
+    def set_patches(self, patches: Sequence[Patch]) -> None:
+        matrices = compose(self._graph_matrices, patches)
+        sessions = dict(self._sessions)
+        for tower in self.manifest.towers:
+            target = self.manifest.towers[tower].projection
+            if target is None or self._reprojects(tower) is not None:
+                continue
+            changed = not np.array_equal(matrices[target], self._matrices[target])
+            if changed:  # fallback: rebuild this tower's session with the patched initializer
+                overrides = {} if np.array_equal(matrices[target], self._graph_matrices[target]) else {
+                    self.manifest.projections[target].initializer: matrices[target]}
+                sessions[tower] = self._session(tower, overrides)
+        self._matrices = matrices
+        self._sessions = sessions

@@ -1,0 +1,110 @@
+"""The torch backend: the same interface over an open_clip model (the reference for parity).
+
+``source`` is a model spec (``mini``, ``ViT-B-32:none``, ...; see forgetpack.models) or an
+export directory without baked-in patches (its manifest names the model). Patches are
+applied with forgetpack.torch_patch, always from the base matrices, so removing one is exact.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from forgetpack.errors import ForgetpackError
+from forgetpack.patch import Patch, fingerprint
+from runtime.backends import Backend, TargetInfo
+
+BATCH = 64
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, source: str | os.PathLike[str], providers: Sequence[Any] | str | None = None,
+                 device: str | None = None, threads: int | None = None, **options: Any):
+        if options:
+            raise ForgetpackError(f"unknown option(s) for the torch backend: {', '.join(sorted(options))}")
+        import torch
+
+        from forgetpack.models import load_model
+        from forgetpack.projections import find_projection
+        from forgetpack.torch_patch import read_matrices
+
+        spec = str(source)
+        if Path(spec).is_dir():
+            from runtime.manifest import Manifest
+
+            manifest = Manifest.read(spec)
+            if manifest.patches:
+                raise ForgetpackError(
+                    f"{spec}: has patches baked in, which the torch backend cannot reproduce from the export; "
+                    f"load the model spec {manifest.model_id!r} and pass the patches instead"
+                )
+            spec = manifest.model_id
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.device = device or _device(providers)
+        loaded = load_model(spec, device=self.device)
+        self.model_id = loaded.model_id
+        self.model = loaded.model.eval()
+        self.preprocess = loaded.preprocess
+        self.tokenizer = loaded.tokenizer
+        self.logit_scale = float(self.model.logit_scale.exp().item())
+        projections = [find_projection(self.model, side) for side in ("text", "visual")]
+        self._base = read_matrices(self.model, [p.target for p in projections])
+        self.targets = {
+            p.target: TargetInfo(tuple(self._base[p.target].shape), p.layout, fingerprint(self._base[p.target]))
+            for p in projections
+        }
+        self.baked = ()
+
+    def encode_images(self, images: Sequence[Any]) -> np.ndarray:
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(images), BATCH):
+                batch = torch.stack([self.preprocess(im) for im in images[i : i + BATCH]]).to(self.device)
+                out.append(self.model.encode_image(batch).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(texts), BATCH):
+                ids = self.tokenizer(list(texts[i : i + BATCH])).to(self.device)
+                out.append(self.model.encode_text(ids).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+    def set_patches(self, patches: Sequence[Patch]) -> None:
+        from runtime.backends import compose
+
+        matrices = compose(self._base, patches)  # checks parents; the model is untouched if it raises
+        import torch
+
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in matrices.items():
+                params[name].copy_(torch.from_numpy(value).to(params[name].device, params[name].dtype))
+
+
+def _device(providers: Sequence[Any] | str | None) -> str:
+    """Map onnxruntime-style provider names onto a torch device."""
+    import torch
+
+    names = [providers] if isinstance(providers, str) else [p if isinstance(p, str) else p[0] for p in providers or []]
+    names = [n.lower() for n in names]
+    if any(n in ("cuda", "cudaexecutionprovider") for n in names):
+        if not torch.cuda.is_available():
+            raise ForgetpackError("CUDA was requested but torch sees no CUDA device")
+        return "cuda"
+    unknown = [n for n in names if n not in ("cpu", "cpuexecutionprovider")]
+    if unknown:
+        raise ForgetpackError(f"the torch backend runs on cpu or cuda, not {unknown[0]!r}")
+    return "cpu"

@@ -1,0 +1,177 @@
+"""Image loading and open_clip's eval preprocessing with PIL and numpy only (no torch).
+
+The export records open_clip's eval transform as a list of steps (``forgetpack.export``
+reads them off the model's own torchvision ``Compose``); this module replays them with the
+very PIL calls torchvision makes on PIL images (``Image.resize``, ``Image.crop``,
+``ImageOps.expand``), then ``to_tensor`` and ``normalize`` in float32. The result equals
+open_clip's preprocess bit for bit (tests/test_runtime.py checks it).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from forgetpack.errors import ForgetpackError
+
+ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
+
+_PIL_MODES = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "box": Image.BOX,
+              "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
+
+
+def load_image(source: ImageInput) -> Image.Image:
+    """A decoded PIL image from a path, bytes, a PIL image or an HWC uint8 array."""
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, np.ndarray):
+        try:
+            return Image.fromarray(source)
+        except (TypeError, ValueError) as exc:
+            raise ForgetpackError(f"array of shape {list(source.shape)} and dtype {source.dtype} is not an image ({exc})") from None
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        name, handle = "<bytes>", io.BytesIO(bytes(source))
+    elif isinstance(source, (str, os.PathLike)):
+        name = str(source)
+        path = Path(source)
+        if not path.is_file():
+            raise ForgetpackError(f"{name}: image not found")
+        handle = path
+    else:
+        raise ForgetpackError(f"cannot read an image from a {type(source).__name__}")
+    try:
+        image = Image.open(handle)
+        image.load()  # decode now, so a truncated or corrupt file fails here, not mid-batch
+    except Image.DecompressionBombError as exc:
+        raise ForgetpackError(f"{name}: image refused ({exc})") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise ForgetpackError(f"{name}: cannot decode image ({_short(exc)})") from None
+    return image
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+# ---------------------------------------------------------------------------- the steps
+
+
+def _resize_shortest(image: Image.Image, size: int, interpolation: str) -> Image.Image:
+    """torchvision ``Resize(int)``: the shorter edge becomes ``size``, the longer is truncated."""
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) == (w, h):
+        return image
+    return image.resize((new_w, new_h), _PIL_MODES[interpolation])
+
+
+def _resize_exact(image: Image.Image, size: Sequence[int], interpolation: str) -> Image.Image:
+    """torchvision ``Resize((h, w))``."""
+    h, w = size
+    if image.size == (w, h):
+        return image
+    return image.resize((w, h), _PIL_MODES[interpolation])
+
+
+def _resize_keep_ratio(image: Image.Image, size: Sequence[int], longest: float, interpolation: str) -> Image.Image:
+    """open_clip's ``ResizeKeepRatio`` (eval: no random scale or aspect)."""
+    source = image.size[::-1]  # h, w
+    ratio_h, ratio_w = source[0] / size[0], source[1] / size[1]
+    ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
+    target = [round(x * 1.0 / ratio) for x in source]
+    return _resize_exact(image, target, interpolation)
+
+
+def _pad(image: Image.Image, ltrb: Sequence[int], fill: int) -> Image.Image:
+    """torchvision's PIL ``pad`` in constant mode."""
+    bands = len(image.getbands())
+    value: int | tuple[int, ...] = (int(fill),) * bands if bands > 1 else int(fill)
+    if image.mode == "P":
+        palette = image.getpalette()
+        out = ImageOps.expand(image, border=tuple(ltrb), fill=value)
+        out.putpalette(palette)
+        return out
+    return ImageOps.expand(image, border=tuple(ltrb), fill=value)
+
+
+def _center_crop(image: Image.Image, size: Sequence[int], fill: int = 0) -> Image.Image:
+    """torchvision ``center_crop`` / open_clip ``center_crop_or_pad`` on a PIL image."""
+    crop_h, crop_w = size
+    w, h = image.size
+    if crop_w > w or crop_h > h:
+        ltrb = [
+            (crop_w - w) // 2 if crop_w > w else 0,
+            (crop_h - h) // 2 if crop_h > h else 0,
+            (crop_w - w + 1) // 2 if crop_w > w else 0,
+            (crop_h - h + 1) // 2 if crop_h > h else 0,
+        ]
+        image = _pad(image, ltrb, fill)
+        w, h = image.size
+        if (crop_w, crop_h) == (w, h):
+            return image
+    top = int(round((h - crop_h) / 2.0))
+    left = int(round((w - crop_w) / 2.0))
+    return image.crop((left, top, left + crop_w, top + crop_h))
+
+
+class Preprocessor:
+    """Replays an export's preprocessing steps: PIL image in, float32 CHW array out."""
+
+    def __init__(self, settings: dict[str, Any]):
+        self.settings = settings
+        self.steps: list[dict[str, Any]] = list(settings["steps"])
+        known = {"resize_shortest", "resize", "resize_keep_ratio", "center_crop", "convert", "to_tensor", "normalize"}
+        for step in self.steps:
+            if step.get("op") not in known:
+                raise ForgetpackError(f"unknown preprocessing step {step.get('op')!r} in the manifest")
+            if "interpolation" in step and step["interpolation"] not in _PIL_MODES:
+                raise ForgetpackError(f"unknown interpolation {step['interpolation']!r} in the manifest")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.settings["size"])  # type: ignore[return-value]
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        data: Any = image
+        for step in self.steps:
+            op = step["op"]
+            if op == "resize_shortest":
+                data = _resize_shortest(data, int(step["size"]), step["interpolation"])
+            elif op == "resize":
+                data = _resize_exact(data, step["size"], step["interpolation"])
+            elif op == "resize_keep_ratio":
+                data = _resize_keep_ratio(data, step["size"], float(step["longest"]), step["interpolation"])
+            elif op == "center_crop":
+                data = _center_crop(data, step["size"], int(step.get("fill", 0)))
+            elif op == "convert":
+                data = data.convert(step["mode"])
+            elif op == "to_tensor":
+                data = _to_tensor(data)
+            elif op == "normalize":
+                mean = np.asarray(step["mean"], dtype=np.float32)[:, None, None]
+                std = np.asarray(step["std"], dtype=np.float32)[:, None, None]
+                data = (data - mean) / std
+        if not isinstance(data, np.ndarray):
+            raise ForgetpackError("the manifest's preprocessing never converts the image to an array")
+        return data
+
+    def batch(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """Load and preprocess a batch into one ``[N, 3, H, W]`` float32 array."""
+        return np.stack([self(load_image(img)) for img in images]).astype(np.float32, copy=False)
+
+
+def _to_tensor(image: Image.Image) -> np.ndarray:
+    """torchvision ``to_tensor`` for the 8-bit RGB image the pipeline has made by then."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    array = np.asarray(image, dtype=np.uint8)
+    return (array.astype(np.float32) / np.float32(255)).transpose(2, 0, 1)

@@ -1,0 +1,146 @@
+"""Tokenization that matches open_clip's, with the ``tokenizers`` library instead of torch.
+
+Two kinds, recorded in the manifest under ``tokenizer.kind``:
+
+- ``clip_bpe``: open_clip's ``SimpleTokenizer`` (OpenAI-style towers). The export writes its
+  BPE vocabulary and merges as a ``tokenizer.json`` whose pre-tokenizer is the same regex and
+  byte-level mapping (as Hugging Face's CLIPTokenizerFast does); here we add open_clip's
+  text cleaning, ``<start_of_text>``/``<end_of_text>``, truncation (last token forced to
+  end-of-text) and zero padding to the context length.
+- ``hf``: open_clip's ``HFTokenizer``: the Hugging Face fast tokenizer's own
+  ``tokenizer.json``, with open_clip's cleaning, ``max_length`` truncation and padding.
+
+Text cleaning uses ``ftfy`` when it is installed, exactly as open_clip does. Without it a
+small subset of ``ftfy.fix_text`` runs (NFC, curly quotes, ligatures, full-width forms):
+identical for ordinary text; ``ftfy`` additionally repairs mojibake. Install ``ftfy`` for
+byte-exact tokens on broken text.
+"""
+
+from __future__ import annotations
+
+import html
+import string
+import unicodedata
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from forgetpack.errors import ForgetpackError
+
+CLIP_PATTERN = r"""(?i)<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'",
+                         "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"', "\u2033": '"'})
+_LIGATURES = str.maketrans({"\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl", "\ufb03": "ffi", "\ufb04": "ffl",
+                            "\ufb05": "ſt", "\ufb06": "st", "\u0132": "IJ", "\u0133": "ij", "\u01c7": "LJ",
+                            "\u01c8": "Lj", "\u01c9": "lj", "\u01ca": "NJ", "\u01cb": "Nj", "\u01cc": "nj"})
+
+
+def _fix_text_fallback(text: str) -> str:
+    """The parts of ``ftfy.fix_text`` that matter for text that is not mojibake."""
+    text = text.translate(_LIGATURES).translate(_QUOTES)
+    text = "".join(unicodedata.normalize("NFKC", c) if 0xFF01 <= ord(c) <= 0xFF5E or c == "\u3000" else c for c in text)
+    return unicodedata.normalize("NFC", text)
+
+
+try:
+    import ftfy
+
+    _fix_text: Callable[[str], str] = ftfy.fix_text
+    EXACT_CLEANING = True
+except ImportError:  # pragma: no cover - exercised only where ftfy is absent
+    _fix_text = _fix_text_fallback
+    EXACT_CLEANING = False
+
+
+def basic_clean(text: str) -> str:
+    return html.unescape(html.unescape(_fix_text(text))).strip()
+
+
+def whitespace_clean(text: str) -> str:
+    return " ".join(text.split()).strip()
+
+
+def canonicalize(text: str) -> str:
+    text = text.replace("_", " ").translate(_PUNCTUATION).lower()
+    return " ".join(text.split()).strip()
+
+
+CLEANERS: dict[str, Callable[[str], str]] = {
+    "lower": lambda t: whitespace_clean(basic_clean(t)).lower(),
+    "whitespace": lambda t: whitespace_clean(basic_clean(t)),
+    "canonicalize": lambda t: canonicalize(basic_clean(t)),
+}
+
+
+class TextTokenizer:
+    """Texts in, ``[N, context_length]`` int64 token ids out, as open_clip's tokenizer gives."""
+
+    def __init__(self, directory: str | Path, settings: dict[str, Any]):
+        from tokenizers import Tokenizer
+
+        self.settings = settings
+        self.kind = settings.get("kind")
+        if self.kind not in ("clip_bpe", "hf"):
+            raise ForgetpackError(f"unknown tokenizer kind {self.kind!r} in the manifest")
+        clean = settings.get("clean", "lower")
+        if clean not in CLEANERS:
+            raise ForgetpackError(f"unknown text cleaning {clean!r} in the manifest")
+        self.clean = CLEANERS[clean]
+        self.context_length = int(settings["context_length"])
+        path = Path(directory) / settings["file"]
+        try:
+            self.backend = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises plain Exceptions for missing or bad files
+            raise ForgetpackError(f"{path}: cannot load tokenizer ({str(exc)[:200]})") from None
+        self.backend.no_padding()
+        self.backend.no_truncation()
+        if self.kind == "hf":
+            self.backend.enable_truncation(
+                max_length=self.context_length,
+                strategy=settings.get("truncation_strategy", "longest_first"),
+                direction=settings.get("truncation_side", "right"),
+            )
+            self.backend.enable_padding(
+                length=self.context_length,
+                pad_id=int(settings["pad_id"]),
+                pad_token=settings.get("pad_token", "[PAD]"),
+                direction=settings.get("padding_side", "right"),
+            )
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        cleaned = [self.clean(t) for t in texts]
+        if self.kind == "hf":
+            ids = np.array([e.ids for e in self.backend.encode_batch(cleaned)], dtype=np.int64).reshape(len(texts), -1)
+            if self.settings.get("strip_sep_token"):
+                ids[ids == int(self.settings["sep_id"])] = 0
+            return ids
+        sot, eot = int(self.settings["sot_id"]), int(self.settings["eot_id"])
+        out = np.zeros((len(texts), self.context_length), dtype=np.int64)
+        for i, encoding in enumerate(self.backend.encode_batch(cleaned, add_special_tokens=False)):
+            tokens = [sot, *encoding.ids, eot]
+            if len(tokens) > self.context_length:
+                tokens = tokens[: self.context_length]
+                tokens[-1] = eot
+            out[i, : len(tokens)] = tokens
+        return out
+
+
+def clip_bpe_tokenizer(encoder: dict[str, int], merges: Sequence[tuple[str, str]], special: Sequence[str]) -> Any:
+    """A ``tokenizers.Tokenizer`` equal to open_clip's SimpleTokenizer after text cleaning.
+
+    Used by the exporter (it runs where open_clip is installed) to write ``tokenizer.json``.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    bpe = models.BPE(vocab=dict(encoder), merges=[tuple(m) for m in merges], end_of_word_suffix="</w>")
+    tokenizer = Tokenizer(bpe)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    return tokenizer
