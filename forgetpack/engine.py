@@ -1,0 +1,430 @@
+"""The forgetting engine: names in, a verified patch out, with no images at all.
+
+``forget`` follows the paper (Kravets & Namboodiri, TMLR 2025): take the text tower's
+pre-projection features of the forget names and of names to preserve, choose where each forget
+prompt should land, and change only the text projection so that it sends the forget prompts
+there while the preserve prompts stay put. Around that core it adds what a tool needs:
+
+- several templates at once (a patch must hold for the phrasings users classify with);
+- an automatic preserve set and alias detection (``forgetpack.preserve``);
+- verification in text space: with each name's original embedding as the stand-in for its
+  images, the patched zero-shot classifier over every candidate class (forget names, preserve
+  names, vocabulary neighbours) must not predict a forget name for its own stand-in, for every
+  template. If it still does, the forget weight is strengthened and the problem solved again;
+  if that cannot fix it, ``forget`` fails with one clear line;
+- the recipe (everything needed to solve again, which ``compose`` uses) and the measured
+  effect are recorded in the patch.
+
+Targets: ``antipode`` (default) sends each forget prompt to minus its own original embedding;
+``empty`` is the paper's: the normalised embedding of the empty string, re-drawn with N(0, 0.5)
+noise while its nearest candidate class is a forget class. ``target_norm`` says whether the
+target is a unit vector (the paper) or carries the prompt's original norm (the default: a unit
+target among embeddings of norm ~20 is mostly reached by shrinking, which keeps the direction,
+so cosine classification still recognises the class; see docs/engine.md for the numbers).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from forgetpack.errors import ForgetpackError
+from forgetpack.patch import Patch, fingerprint
+from forgetpack.preserve import DEFAULT_AUTO_K, DEFAULT_NEIGHBOURS, Neighbourhood, find_neighbourhood, unit_rows
+from forgetpack.solvers import Problem, Solution, Weights, get_solver
+from forgetpack.vocabulary import normalize_name
+
+ENGINE_VERSION = 1
+DEFAULT_SOLVER = "closed-form"
+DEFAULT_TARGET = "antipode"
+TARGETS = ("antipode", "empty")
+TARGET_NORMS = ("original", "unit")
+DEFAULT_TEMPLATES = ("{}", "a photo of a {}.", "a photo of the {}.", "an image of a {}.", "a {}.")
+MAX_STRENGTHEN = 6  # re-solves with a stronger forget weight before giving up
+EMPTY_NOISE = 0.5  # the paper's re-draw noise for the empty-string target
+EMPTY_MAX_DRAWS = 1000
+RETAIN_GOAL = 0.98
+
+
+@dataclass
+class ForgetResult:
+    """The patch and a report of how it was made and what it does (also stored in the patch)."""
+
+    patch: Patch
+    report: dict[str, Any]
+    solution: Solution | None = field(default=None, repr=False)
+
+
+@dataclass
+class _Space:
+    """Features and embeddings of every prompt the engine looked at."""
+
+    features: dict[str, np.ndarray]
+    M: np.ndarray  # feature-form base projection
+    bias: np.ndarray | None
+
+    def X(self, prompts: Sequence[str]) -> np.ndarray:
+        return np.stack([self.features[p] for p in prompts]).astype(np.float64)
+
+    def embed(self, prompts: Sequence[str], M: np.ndarray | None = None) -> np.ndarray:
+        y = self.X(prompts) @ (self.M if M is None else M)
+        return y + self.bias if self.bias is not None else y
+
+
+# ---------------------------------------------------------------------------- forget
+
+
+def forget(
+    loaded: Any,
+    forget_names: Sequence[str],
+    *,
+    preserve: Sequence[str] | None = None,
+    auto_preserve: int | None = None,
+    vocabulary: Sequence[str] = (),
+    solver: str = DEFAULT_SOLVER,
+    target: str = DEFAULT_TARGET,
+    target_norm: str = "original",
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    rank: int | None = None,
+    seed: int = 0,
+    weights: Weights | None = None,
+    neighbours: int = DEFAULT_NEIGHBOURS,
+    verify: bool = True,
+    progress: bool = False,
+) -> ForgetResult:
+    """Make ``loaded`` forget ``forget_names``; returns the patch and a report.
+
+    ``preserve`` is an explicit preserve list; otherwise the ``auto_preserve`` (default 20)
+    nearest vocabulary names per forget name are preserved. ``vocabulary`` adds candidate
+    names to the built-in one. ``verify=False`` skips the strengthening loop (the effect is
+    still measured and recorded), for benchmarks of raw solvers.
+    """
+    from forgetpack import vocabulary as vocab
+    from forgetpack.features import text_features
+    from forgetpack.projections import find_projection, projection_bias, projection_matrix
+
+    started = time.perf_counter()
+    forget_names = vocab.clean_names(forget_names, "forget")
+    if not forget_names:
+        raise ForgetpackError("no forget names given")
+    explicit = vocab.clean_names(preserve, "preserve") if preserve is not None else None
+    if explicit is not None:
+        vocab.check_disjoint(forget_names, explicit)
+        if auto_preserve is not None:
+            raise ForgetpackError("give either an explicit preserve list or --auto-preserve K, not both")
+    k = DEFAULT_AUTO_K if auto_preserve is None else int(auto_preserve)
+    if explicit is None and k < 0:
+        raise ForgetpackError(f"--auto-preserve must be ≥ 0, got {k}")
+    if rank is not None and int(rank) <= 0:
+        raise ForgetpackError(f"rank must be a positive integer, got {rank}")
+    if target not in TARGETS:
+        raise ForgetpackError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
+    if target_norm not in TARGET_NORMS:
+        raise ForgetpackError(f"unknown target norm {target_norm!r} (choose from {', '.join(TARGET_NORMS)})")
+    templates = check_templates(templates)
+    the_solver = get_solver(solver)
+    extra = vocab.clean_names(vocabulary, "vocabulary") if vocabulary else []
+
+    model = loaded.model
+    proj = find_projection(model, "text")
+    W = projection_matrix(model, proj)
+    bias = projection_bias(model, proj)
+    M = proj.feature_form(W)
+
+    # 1. bare-name features of the vocabulary, forget and preserve names: neighbours and aliases
+    pool = vocab.vocabulary([*extra, *(explicit or [])], exclude=forget_names)
+    bare = list(dict.fromkeys([*forget_names, *pool, ""]))
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    space = _Space(dict(zip(bare, text_features(loaded, bare, progress=progress), strict=True)), M, bias)
+    timings["encode_vocabulary"] = time.perf_counter() - t0
+    center = space.X(pool).mean(axis=0)
+    hood = find_neighbourhood(
+        forget_names, space.X(forget_names), space.embed(forget_names),
+        pool, space.X(pool), space.embed(pool), center,
+        k=k, explicit=explicit, n_neighbours=max(neighbours, k if explicit is None else 0),
+    )  # fmt: skip
+    preserve_names = hood.preserve
+    candidates = list(dict.fromkeys([*forget_names, *preserve_names, *(n for ns in hood.neighbours.values() for n, _ in ns), *hood.alias_names()]))
+
+    # 2. every template of every candidate
+    prompts = [t.format(n) for t in templates for n in candidates]
+    t0 = time.perf_counter()
+    space.features.update(zip(prompts, text_features(loaded, prompts, progress=progress), strict=True))
+    timings["encode_templates"] = time.perf_counter() - t0
+
+    forget_prompts = [t.format(f) for t in templates for f in forget_names]
+    preserve_prompts = [t.format(p) for t in templates for p in preserve_names]
+    T = forget_targets(space, target, target_norm, forget_names, templates, candidates, seed)
+    X_p = space.X(preserve_prompts) if preserve_prompts else np.zeros((0, M.shape[0]))
+    problem = Problem(
+        M=M,
+        X_f=space.X(forget_prompts),
+        T=T - bias if bias is not None else T,
+        X_p=X_p,
+        Y_p=X_p @ M,
+        weights=weights or the_solver.default_weights(len(forget_names)),
+        rank=rank,
+        seed=seed,
+    )
+
+    # 3. solve, verify, strengthen
+    t0 = time.perf_counter()
+    attempts = []
+    while True:
+        solution = the_solver.solve(problem)
+        layer = solution.layer(proj)
+        patched = proj.feature_form(layer.apply(W))
+        effect = measure(space, patched, forget_names, preserve_names, candidates, hood, templates, pool)
+        attempts.append({"weights": problem.weights.to_json(), "forgotten": effect["all_forgotten"], "retained": effect["retained"]})
+        if not verify or effect["all_forgotten"]:
+            break
+        stronger = the_solver.strengthen(problem.weights) if len(attempts) <= MAX_STRENGTHEN else None
+        if stronger is None:
+            still = [f for f, e in effect["forget"].items() if not e["forgotten"]]
+            raise ForgetpackError(
+                f"could not verify forgetting of {', '.join(map(repr, still))} with solver {solver} after "
+                f"{len(attempts)} attempt(s) (forget weight up to {problem.weights.forget:g}); "
+                "try --target antipode, fewer templates, or forgetting its aliases too"
+            )
+        problem = problem.with_weights(stronger)
+    timings["solve"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - started
+
+    recipe = {
+        "engine": ENGINE_VERSION,
+        "forget": forget_names,
+        "preserve": preserve_names,
+        "preserve_mode": "explicit" if explicit is not None else f"auto:{k}",
+        "vocabulary": {"builtin": "imagenet-1k", "extra": extra},
+        "solver": the_solver.name,
+        "target": target,
+        "target_norm": target_norm,
+        "templates": list(templates),
+        "weights": problem.weights.to_json(),
+        "rank": rank,
+        "seed": seed,
+        "projection": proj.target,
+    }
+    patch = Patch.create(
+        loaded.model_id,
+        base={proj.target: W},
+        layers=[layer],
+        layouts={proj.target: proj.layout},
+        recipe=recipe,
+        effect=effect_for_patch(effect, hood),
+    )
+    report = {
+        "model": loaded.model_id,
+        "recipe": recipe,
+        "effect": effect,
+        "aliases": hood.aliases,
+        "dropped_preserve": hood.dropped,
+        "neighbours": hood.neighbours,
+        "attempts": attempts,
+        "solver_info": _jsonable(solution.info),
+        "rank": solution.rank,
+        "timings": timings,
+        "prompts": len(space.features),
+    }
+    return ForgetResult(patch, report, solution)
+
+
+def check_templates(templates: Sequence[str]) -> list[str]:
+    out = []
+    for t in templates:
+        if not isinstance(t, str) or t.count("{}") != 1:
+            raise ForgetpackError(f"template {t!r} must contain '{{}}' exactly once")
+        try:
+            t.format("x")
+        except (IndexError, KeyError, ValueError) as exc:
+            raise ForgetpackError(f"template {t!r} is not a valid format string: {exc}") from exc
+    out = list(dict.fromkeys(templates))
+    if not out:
+        raise ForgetpackError("no templates given")
+    return out
+
+
+# ---------------------------------------------------------------------------- targets
+
+
+def forget_targets(
+    space: _Space, target: str, norm: str, forget_names: Sequence[str], templates: Sequence[str],
+    candidates: Sequence[str], seed: int,
+) -> np.ndarray:
+    """One target row per forget prompt (template-major, like the forget features)."""
+    prompts = [t.format(f) for t in templates for f in forget_names]
+    original = space.embed(prompts)
+    norms = np.linalg.norm(original, axis=1, keepdims=True)
+    if target == "antipode":
+        return -original
+    # the paper's target: the normalised empty-string embedding, re-drawn while a forget class is nearest to it
+    empty = space.embed([""])[0]
+    rows = np.repeat(empty[None, :], len(prompts), axis=0)
+    cand = unit_rows(space.embed([t.format(c) for t in templates for c in candidates]))
+    is_forget = np.isin(np.tile(np.asarray(candidates, dtype=object), len(templates)), list(forget_names))
+    rng = np.random.default_rng(seed)
+    unit = unit_rows(rows)
+    for _ in range(EMPTY_MAX_DRAWS):
+        nearest = np.argmax(unit @ cand.T, axis=1)
+        if not is_forget[nearest].any():
+            break
+        unit = unit_rows(rows + rng.normal(0.0, EMPTY_NOISE, size=rows.shape))
+    else:
+        raise ForgetpackError("the empty-string target stays nearest to a forget class after 1000 noisy draws; use --target antipode")
+    return unit * norms if norm == "original" else unit
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+def measure(
+    space: _Space, patched: np.ndarray, forget_names: Sequence[str], preserve_names: Sequence[str],
+    candidates: Sequence[str], hood: Neighbourhood, templates: Sequence[str], vocabulary: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The text-space effect of a patched projection (feature form).
+
+    For each template: images are stood in for by each candidate's *original* embedding,
+    classified over the candidates' *patched* embeddings. ``vocabulary_retained`` does the
+    same over the whole vocabulary with bare names (their features are at hand anyway), which
+    shows what happens to names that were neither preserved nor neighbours.
+    """
+    forget_set = set(forget_names)
+    alias_set = set(hood.alias_names())
+    idx = {c: i for i, c in enumerate(candidates)}
+    keepers = [c for c in candidates if c not in forget_set and c not in alias_set]
+    per_forget: dict[str, dict[str, Any]] = {f: {"self_similarity": [], "predicted": {}, "forgotten": True} for f in forget_names}
+    retained_by_template = {}
+    lost: dict[str, list[str]] = {}
+    for t in templates:
+        prompts = [t.format(c) for c in candidates]
+        before = unit_rows(space.embed(prompts))
+        after = unit_rows(space.embed(prompts, patched))
+        pred = np.argmax(before @ after.T, axis=1)
+        for f in forget_names:
+            i = idx[f]
+            e = per_forget[f]
+            e["self_similarity"].append(float(before[i] @ after[i]))
+            e["predicted"][t] = candidates[pred[i]]
+            if pred[i] == i:
+                e["forgotten"] = False
+        kept = [c for c in keepers if pred[idx[c]] == idx[c]]
+        retained_by_template[t] = len(kept) / len(keepers) if keepers else 1.0
+        for c in keepers:
+            if pred[idx[c]] != idx[c]:
+                lost.setdefault(c, []).append(t)
+    for e in per_forget.values():
+        e["self_similarity"] = round(float(np.mean(e["self_similarity"])), 4)
+    drift = 0.0
+    if preserve_names:
+        pp = [t.format(p) for t in templates for p in preserve_names]
+        cos = np.sum(unit_rows(space.embed(pp)) * unit_rows(space.embed(pp, patched)), axis=1)
+        drift = float(np.mean(1.0 - cos))
+    vocabulary_retained = 1.0
+    if vocabulary:
+        names = [*forget_names, *vocabulary]
+        pred = np.argmax(unit_rows(space.embed(names)) @ unit_rows(space.embed(names, patched)).T, axis=1)
+        keep = [i for i, n in enumerate(names) if n not in forget_set and n not in alias_set]
+        vocabulary_retained = float(np.mean(pred[keep] == np.asarray(keep)))
+    return {
+        "forget": per_forget,
+        "vocabulary_retained": round(vocabulary_retained, 4),
+        "all_forgotten": all(e["forgotten"] for e in per_forget.values()),
+        "retained": round(float(np.mean(list(retained_by_template.values()))), 4),
+        "retained_min": round(float(min(retained_by_template.values())), 4),
+        "retained_by_template": {t: round(v, 4) for t, v in retained_by_template.items()},
+        "lost": lost,
+        "preserve_drift": round(drift, 6),
+        "candidates": len(candidates),
+    }
+
+
+def effect_for_patch(effect: dict[str, Any], hood: Neighbourhood) -> dict[str, Any]:
+    """The measured effect, as recorded in the patch metadata."""
+    return {
+        "forget": {
+            f: {"self_similarity": e["self_similarity"], "outranked": e["forgotten"], "predicted": e["predicted"]}
+            for f, e in effect["forget"].items()
+        },
+        "preserve_drift": effect["preserve_drift"],
+        "retained": effect["retained"],
+        "retained_min": effect["retained_min"],
+        "vocabulary_retained": effect["vocabulary_retained"],
+        "candidates": effect["candidates"],
+        "aliases": {f: [n for n, _ in a] for f, a in hood.aliases.items()},
+        "dropped_preserve": hood.dropped,
+    }
+
+
+def _unique(names: Iterable[str]) -> list[str]:
+    """Names in first-seen order, without repeats (compared normalised)."""
+    out: dict[str, str] = {}
+    for n in names:
+        out.setdefault(normalize_name(n), n)
+    return list(out.values())
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# ---------------------------------------------------------------------------- compose
+
+
+def compose(loaded: Any, patches: Sequence[Patch], *, progress: bool = False, **overrides: Any) -> ForgetResult:
+    """One patch solved jointly for the union of the patches' recorded requests.
+
+    Stacking adds deltas that were each solved alone; composing solves again with every forget
+    name and every preserve name at once, so requests that interact (one patch's forget name
+    near another's preserve name) are handled together. A name one patch forgets and another
+    preserves is forgotten.
+    """
+    from forgetpack.projections import find_projection, projection_matrix
+
+    if not patches:
+        raise ForgetpackError("nothing to compose")
+    proj = find_projection(loaded.model, "text")
+    current = fingerprint(projection_matrix(loaded.model, proj))
+    forget_names: list[str] = []
+    preserve: list[str] = []
+    templates: list[str] = []
+    for p in patches:
+        where = p.source or p.digest[:23]
+        recipe = p.recipe
+        if "forget" not in recipe or recipe.get("engine") is None:
+            raise ForgetpackError(f"{where}: the patch records no forgetting recipe (a stacked patch? compose its components' originals)")
+        if p.model != loaded.model_id:
+            raise ForgetpackError(f"{where}: made for model {p.model!r}, not {loaded.model_id!r}")
+        if p.base.get(proj.target) != current:
+            raise ForgetpackError(f"{where}: made for a different base of {proj.target!r} than this model's")
+        forget_names.extend(recipe["forget"])
+        preserve.extend(recipe.get("preserve", []))
+        templates.extend(recipe.get("templates", DEFAULT_TEMPLATES))
+    first = patches[0].recipe
+    forget_names = _unique(forget_names)
+    gone = {normalize_name(n) for n in forget_names}
+    preserve = _unique(n for n in preserve if normalize_name(n) not in gone)
+    extra = [n for p in patches for n in p.recipe.get("vocabulary", {}).get("extra", [])]
+    options: dict[str, Any] = {
+        "preserve": preserve,
+        "vocabulary": list(dict.fromkeys(extra)),
+        "solver": first.get("solver", DEFAULT_SOLVER),
+        "target": first.get("target", DEFAULT_TARGET),
+        "target_norm": first.get("target_norm", "original"),
+        "templates": list(dict.fromkeys(templates)),
+        "seed": first.get("seed", 0),
+    }
+    options.update({k: v for k, v in overrides.items() if v is not None})
+    result = forget(loaded, forget_names, progress=progress, **options)
+    result.report["composed_from"] = [p.digest for p in patches]
+    return result
