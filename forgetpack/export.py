@@ -150,9 +150,7 @@ def export_loaded(
             export_check=checks,
         )
         manifest.save(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _publish(tmp, out)
         log(f"wrote {out}")
         return manifest
     finally:
@@ -389,7 +387,35 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------- quantization
 
 
-def quantize_tower(path: Path, tower: Tower, projections: dict[str, Projection]) -> None:
+def quantize_export(src: str | os.PathLike[str], out: str | os.PathLike[str], force: bool = False) -> Manifest:
+    """An int8 copy of an fp32 export directory (no torch needed, no re-export).
+
+    Same as ``forgetpack export --quantize int8`` but starting from the fp32 graphs, so one
+    export can be served both ways (the benchmark and the tests use it).
+    """
+    src, out = Path(src), Path(out)
+    _check_output(out, force)
+    manifest = Manifest.read(src)
+    if manifest.precision != "fp32":
+        raise ForgetpackError(f"{src}: is already {manifest.precision}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent))
+    try:
+        manifest.precision = "int8"
+        manifest.export_id = "sha256:" + hashlib.sha256(f"{manifest.export_id}|int8".encode()).hexdigest()
+        for tower in manifest.towers.values():
+            shutil.copyfile(src / tower.file, tmp / tower.file)
+            quantize_tower(tmp / tower.file, tower, manifest.projections, {EXPORT_ID_KEY: manifest.export_id})
+        shutil.copyfile(src / manifest.tokenizer["file"], tmp / manifest.tokenizer["file"])
+        manifest.save(tmp)
+        _publish(tmp, out)
+        return manifest
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+
+def quantize_tower(path: Path, tower: Tower, projections: dict[str, Projection], metadata: dict[str, str] | None = None) -> None:
     """Dynamic int8 quantization of MatMul/Gemm weights, in place, projection excluded.
 
     The projection stays a float32 initializer under its own name, so patches still apply
@@ -400,7 +426,7 @@ def quantize_tower(path: Path, tower: Tower, projections: dict[str, Projection])
 
     proto = onnx.load(str(path))
     exclude = [n.name for n in proto.graph.node if tower.projection and tower.projection in n.input]
-    metadata = {p.key: p.value for p in proto.metadata_props}
+    metadata = {**{p.key: p.value for p in proto.metadata_props}, **(metadata or {})}
     quantized = path.with_suffix(".int8.onnx")
     with _quiet():
         try:
@@ -540,6 +566,16 @@ def _check_output(out: Path, force: bool) -> None:
         raise ForgetpackError(f"{out}: directory exists and is not empty (use --force to replace it)")
     if not out.resolve().parent.is_dir():
         raise ForgetpackError(f"{out}: parent directory {out.resolve().parent} does not exist")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished export into place (replacing an old one) with the usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
 
 
 def _restore(model: Any, matrices: dict[str, np.ndarray]) -> None:
