@@ -16,7 +16,8 @@ there while the preserve prompts stay put. Around that core it adds what a tool 
   effect are recorded in the patch.
 
 Targets: ``antipode`` (default) sends each forget prompt to minus its own original embedding;
-``empty`` is the paper's: the normalised embedding of the empty string, re-drawn with N(0, 0.5)
+``mirror`` reflects it through the mean direction of the other candidates (keeping the part all
+classes share, negating what distinguishes it); ``empty`` is the paper's: the normalised embedding of the empty string, re-drawn with N(0, 0.5)
 noise while its nearest candidate class is a forget class. ``target_norm`` says whether the
 target is a unit vector (the paper) or carries the prompt's original norm (the default: a unit
 target among embeddings of norm ~20 is mostly reached by shrinking, which keeps the direction,
@@ -41,7 +42,7 @@ from forgetpack.vocabulary import normalize_name
 ENGINE_VERSION = 1
 DEFAULT_SOLVER = "closed-form"
 DEFAULT_TARGET = "antipode"
-TARGETS = ("antipode", "empty")
+TARGETS = ("antipode", "mirror", "empty")
 TARGET_NORMS = ("original", "unit")
 DEFAULT_TEMPLATES = ("{}", "a photo of a {}.", "a photo of the {}.", "an image of a {}.", "a {}.")
 MAX_STRENGTHEN = 6  # re-solves with a stronger forget weight before giving up
@@ -262,6 +263,18 @@ def forget_targets(
     norms = np.linalg.norm(original, axis=1, keepdims=True)
     if target == "antipode":
         return -original
+    if target == "mirror":
+        # reflect through the mean direction of the other candidates (same template): keep what
+        # every class shares, negate what distinguishes this one; the norm is kept
+        others = [c for c in candidates if c not in set(forget_names)]
+        rows = []
+        for t in templates:
+            y = space.embed([t.format(f) for f in forget_names])
+            mean = space.embed([t.format(c) for c in others]).mean(axis=0) if others else y.mean(axis=0)
+            u = mean / max(float(np.linalg.norm(mean)), 1e-12)
+            along = (y @ u)[:, None] * u[None, :]
+            rows.append(2 * along - y)
+        return np.concatenate(rows)
     # the paper's target: the normalised empty-string embedding, re-drawn while a forget class is nearest to it
     empty = space.embed([""])[0]
     rows = np.repeat(empty[None, :], len(prompts), axis=0)

@@ -57,7 +57,22 @@ class PaperSolver:
 
 
 def paper_loop(problem: Problem, steps: int = STEPS, max_tries: int = MAX_TRIES, rank: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Run the official loop; returns feature-form factors (``Δ = up @ down``) and a log."""
+    """Run the official loop; returns feature-form factors (``Δ = up @ down``) and a log.
+
+    One thread: the matrices are small, and with several threads the per-op synchronisation
+    costs more than the arithmetic (measured 25-90x slower on a busy 2-core machine).
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _loop(problem, steps, max_tries, rank)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _loop(problem: Problem, steps: int, max_tries: int, rank: int | None) -> tuple[np.ndarray, np.ndarray, dict]:
     import torch
 
     r = rank or problem.rank or RANK
