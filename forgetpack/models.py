@@ -107,7 +107,8 @@ def _load_tagged(arch: str, tag: str, device: str) -> LoadedModel:
     import open_clip
 
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=tag, weights_only=True)
+        with _quiet_open_clip():
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=tag, weights_only=True)
     except Exception as exc:
         raise ForgetpackError(
             f"cannot load {arch}:{tag}: the weights are not cached and could not be downloaded "
@@ -137,8 +138,9 @@ def _load_hf_hub(spec: str, device: str) -> LoadedModel:
     if not spec[len("hf-hub:"):].strip("/"):
         raise ForgetpackError(f"model spec {spec!r} names no repository; {ACCEPTED}")
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(spec, weights_only=True)
-        tokenizer = open_clip.get_tokenizer(spec)
+        with _quiet_open_clip():
+            model, _, preprocess = open_clip.create_model_and_transforms(spec, weights_only=True)
+            tokenizer = open_clip.get_tokenizer(spec)
     except Exception as exc:
         raise ForgetpackError(f"cannot load {spec}: not cached and could not be downloaded (offline?): {_one_line(exc)}") from exc
     return _finish(model, preprocess, tokenizer, spec, spec, device)
@@ -173,10 +175,11 @@ def _finish(model: Any, preprocess: Any, tokenizer: Any, model_id: str, arch: st
 
 @contextlib.contextmanager
 def _quiet_open_clip() -> Iterator[None]:
-    """Hide open_clip's 'No pretrained weights loaded' warning: random init is what was asked for."""
+    """Hide open_clip's log lines ('No pretrained weights loaded', download errors): what matters
+    is reported by our own one-line error or was asked for (random init)."""
     root = logging.getLogger()
     level = root.level
-    root.setLevel(logging.ERROR)
+    root.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
