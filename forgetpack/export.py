@@ -85,8 +85,12 @@ def export_loaded(
     opset: int = DEFAULT_OPSET,
     force: bool = False,
     log: Callable[[str], None] | None = None,
+    towers: Sequence[str] = ("image", "text"),
 ) -> Manifest:
-    """Export an already loaded model. The model is left as it was (patches are undone)."""
+    """Export an already loaded model. The model is left as it was (patches are undone).
+
+    ``towers`` limits the export to some towers (a text-only export serves ``encode_text``).
+    """
     from forgetpack.projections import find_projection
     from forgetpack.torch_patch import apply_patches, read_matrices
 
@@ -95,8 +99,11 @@ def export_loaded(
     _check_output(out, force)
     if quantize not in (None, "int8"):
         raise ForgetpackError(f"unknown quantization {quantize!r} (supported: int8)")
+    unknown = sorted(set(towers) - set(SIDES))
+    if unknown or not towers:
+        raise ForgetpackError(f"unknown tower(s) {unknown} (towers: {', '.join(SIDES)})")
     model = loaded.model.eval()
-    located = {tower: find_projection(model, side) for tower, side in SIDES.items()}
+    located = {tower: find_projection(model, side) for tower, side in SIDES.items() if tower in towers}
     targets = {p.target: p for p in located.values()}
     loaded_patches = [p if isinstance(p, Patch) else read_patch(p) for p in patches]
     for patch in loaded_patches:
@@ -104,7 +111,7 @@ def export_loaded(
             if name not in targets:
                 raise ForgetpackError(
                     f"{patch.source or patch.digest[:23]}: targets {name!r}, which is not a projection of "
-                    f"{loaded.model_id} (its projections: {', '.join(sorted(targets))})"
+                    f"{loaded.model_id} in this export (its projections: {', '.join(sorted(targets))})"
                 )
     base = read_matrices(model, targets)
     base_fps = {n: fingerprint(m) for n, m in base.items()}

@@ -65,10 +65,11 @@ def load(
     ``trusted_keys`` (public key paths or loaded ed25519 keys): accept only patches signed by
     one of them. Other keyword options go to the backend (e.g. ``threads=2``).
     """
+    is_path = isinstance(source, (str, os.PathLike))
     if backend is None:
-        backend = "onnx" if Path(source).is_dir() else "torch"
+        backend = "onnx" if is_path and Path(source).is_dir() else "torch"
     cls = backend_class(backend)
-    if backend == "onnx" and not Path(source).is_dir():
+    if backend == "onnx" and not (is_path and Path(source).is_dir()):
         raise ForgetpackError(f"{source}: not an export directory; the onnx backend serves the output of 'forgetpack export' (or use --backend torch)")
     return Model(cls(source, providers=providers, **options), trusted_keys=trusted_keys)
 

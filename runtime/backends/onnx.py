@@ -192,8 +192,7 @@ class OnnxBackend(Backend):
         return result
 
     def encode_images(self, images: Sequence[Any]) -> np.ndarray:
-        if self._preprocess is None:
-            raise ForgetpackError(f"{self.directory}: this export has no image tower")
+        self._require("image")
         chunks = [self._run("image", np.stack([self._preprocess(im) for im in images[i : i + IMAGE_BATCH]]))
                   for i in range(0, len(images), IMAGE_BATCH)]
         out = np.concatenate(chunks) if chunks else np.zeros((0, self.manifest.embed_dim), np.float32)
@@ -201,23 +200,42 @@ class OnnxBackend(Backend):
         return self._project(target, out) if target is not None else out
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        if self._tokenizer is None:
-            raise ForgetpackError(f"{self.directory}: this export has no text tower")
         target = self._reprojects("text")
         if target is None:  # no cache: embeddings depend on the (possibly rebuilt) session
+            self._require("text")
             chunks = [self._run("text", self._tokenizer(list(texts[i : i + TEXT_BATCH]))) for i in range(0, len(texts), TEXT_BATCH)]
             return np.concatenate(chunks) if chunks else np.zeros((0, self.manifest.embed_dim), np.float32)
+        return self._project(target, self.text_features(texts))
+
+    def text_features(self, texts: Sequence[str]) -> np.ndarray:
+        """Pre-projection text features ``[n, width]`` (the graph's ``features`` output), cached per text."""
+        self._require("text")
+        if self.manifest.towers["text"].features is None:
+            raise ForgetpackError(f"{self.directory}: the text graph has no features output")
         todo = list(dict.fromkeys(t for t in texts if t not in self._text_cache))
+        spec = self.manifest.towers["text"]
         for i in range(0, len(todo), TEXT_BATCH):
             chunk = todo[i : i + TEXT_BATCH]
-            for text, row in zip(chunk, self._run("text", self._tokenizer(chunk)), strict=True):
+            (rows,) = self._sessions["text"].run([spec.features], {spec.input: self._tokenizer(chunk)})
+            for text, row in zip(chunk, rows, strict=True):
                 self._text_cache[text] = row
-        features = np.stack([self._text_cache[t] for t in texts]) if texts else np.zeros((0, self.targets[target].shape[0]), np.float32)
+        if not texts:
+            return np.zeros((0, self.targets[spec.projection].shape[0 if self.targets[spec.projection].layout == "in_out" else 1]), np.float32)
+        features = np.stack([self._text_cache[t] for t in texts])
         for text in texts:
             self._text_cache.move_to_end(text)
         while len(self._text_cache) > TEXT_CACHE_SIZE:
             self._text_cache.popitem(last=False)
-        return self._project(target, features)
+        return features
+
+    def _require(self, tower: str) -> None:
+        if tower not in self.manifest.towers:
+            raise ForgetpackError(f"{self.directory}: this export has no {tower} tower")
+
+    @property
+    def matrices(self) -> dict[str, np.ndarray]:
+        """Copies of the current projection matrices (graph state plus hot-applied patches)."""
+        return {name: m.copy() for name, m in self._matrices.items()}
 
     # -- patches ---------------------------------------------------------------------
 

@@ -34,21 +34,13 @@ class TorchBackend(Backend):
         from forgetpack.projections import find_projection
         from forgetpack.torch_patch import read_matrices
 
-        spec = str(source)
-        if Path(spec).is_dir():
-            from runtime.manifest import Manifest
-
-            manifest = Manifest.read(spec)
-            if manifest.patches:
-                raise ForgetpackError(
-                    f"{spec}: has patches baked in, which the torch backend cannot reproduce from the export; "
-                    f"load the model spec {manifest.model_id!r} and pass the patches instead"
-                )
-            spec = manifest.model_id
+        if all(hasattr(source, a) for a in ("model", "preprocess", "tokenizer", "model_id")):
+            loaded = source  # an already loaded forgetpack.models.LoadedModel (shared: patches change it)
+        else:
+            loaded = load_model(_spec(source), device=device or _device(providers))
         if threads:
             torch.set_num_threads(int(threads))
-        self.device = device or _device(providers)
-        loaded = load_model(spec, device=self.device)
+        self.device = str(next(loaded.model.parameters()).device)
         self.model_id = loaded.model_id
         self.model = loaded.model.eval()
         self.preprocess = loaded.preprocess
@@ -92,6 +84,22 @@ class TorchBackend(Backend):
         with torch.no_grad():
             for name, value in matrices.items():
                 params[name].copy_(torch.from_numpy(value).to(params[name].device, params[name].dtype))
+
+
+def _spec(source: str | os.PathLike[str]) -> str:
+    """The model spec for ``source``: itself, or the model an export directory was made from."""
+    spec = str(source)
+    if not Path(spec).is_dir():
+        return spec
+    from runtime.manifest import Manifest
+
+    manifest = Manifest.read(spec)
+    if manifest.patches:
+        raise ForgetpackError(
+            f"{spec}: has patches baked in, which the torch backend cannot reproduce from the export; "
+            f"load the model spec {manifest.model_id!r} and pass the patches instead"
+        )
+    return manifest.model_id
 
 
 def _device(providers: Sequence[Any] | str | None) -> str:
