@@ -13,7 +13,7 @@ import click
 
 from forgetpack.errors import ForgetpackError
 
-OUT = click.Path(dir_okay=False, path_type=Path)
+OUT = click.Path(path_type=Path)  # checked by _check_output: one clear line, not a usage error
 
 
 def _check_output(path: Path) -> None:
@@ -132,7 +132,7 @@ def forget(model: str, forget_names: tuple[str, ...], preserve: tuple[str, ...],
 
 @click.command()
 @click.argument("model")
-@click.argument("patches", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("patches", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=OUT, help="Where to write the composed patch.")
 @click.option("--solver", type=_SOLVERS, help="Override the recorded solver.")
 @click.option("--rank", type=int, help="Rank of the update (default: the solver's).")
