@@ -432,17 +432,21 @@ def quantize_tower(path: Path, tower: Tower, projections: dict[str, Projection],
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     proto = onnx.load(str(path))
-    exclude = [n.name for n in proto.graph.node if tower.projection and tower.projection in n.input]
+    exclude = _untangle_projection(proto, projections[tower.projection].initializer) if tower.projection else []
     metadata = {**{p.key: p.value for p in proto.metadata_props}, **(metadata or {})}
+    staged = path.with_suffix(".staged.onnx")
     quantized = path.with_suffix(".int8.onnx")
+    onnx.save_model(proto, str(staged))
     with _quiet():
         try:
             quantize_dynamic(
-                str(path), str(quantized), weight_type=QuantType.QInt8, per_channel=True,
+                str(staged), str(quantized), weight_type=QuantType.QInt8, per_channel=True,
                 op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=exclude,
             )
         except Exception as exc:
             raise ForgetpackError(f"int8 quantization of {path.name} failed: {_one_line(exc)}") from exc
+        finally:
+            staged.unlink()
     proto = onnx.load(str(quantized))
     _set_metadata(proto, metadata)
     if tower.projection is not None:
@@ -454,6 +458,41 @@ def quantize_tower(path: Path, tower: Tower, projections: dict[str, Projection],
         raise ForgetpackError(f"int8 quantization changed the outputs of {path.name}")
     onnx.save_model(proto, str(path))
     quantized.unlink()
+
+
+def _untangle_projection(proto: onnx.ModelProto, initializer: str) -> list[str]:
+    """Keep the projection out of quantization, under its own name; returns the node names to exclude.
+
+    onnxruntime's dynamic quantizer rewrites every ``Gemm(x, W, transB=1)`` into a MatMul over
+    a new, transposed copy ``W_Transposed`` (dropping ``W``), even for excluded nodes. So a
+    projection Gemm becomes ``MatMul(x, Transpose(W))`` (+ ``Add`` for a bias) first: the
+    same arithmetic, ``W`` stays a named float32 initializer (onnxruntime folds the Transpose
+    once, at session start), and the MatMul is excluded by name.
+    """
+    import onnx
+
+    nodes = list(proto.graph.node)
+    for i, node in enumerate(nodes):
+        if initializer not in node.input:
+            continue
+        if node.op_type == "MatMul":
+            return [node.name]
+        if node.op_type != "Gemm":
+            raise ForgetpackError(f"cannot quantize around the projection {initializer!r}: it feeds a {node.op_type}")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        weight = node.input[1]
+        new = []
+        if attrs.get("transB", 0):
+            new.append(onnx.helper.make_node("Transpose", [weight], [f"{weight}__t"], name=f"{node.name}__transpose"))
+            weight = f"{weight}__t"
+        matmul_out = node.output[0] if len(node.input) < 3 or not node.input[2] else f"{node.output[0]}__mm"
+        new.append(onnx.helper.make_node("MatMul", [node.input[0], weight], [matmul_out], name=f"{node.name}__matmul"))
+        if matmul_out != node.output[0]:
+            new.append(onnx.helper.make_node("Add", [matmul_out, node.input[2]], [node.output[0]], name=f"{node.name}__bias"))
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes[:i] + new + nodes[i + 1 :])
+        return [f"{node.name}__matmul"]
+    return []
 
 
 # ---------------------------------------------------------------------------- preprocessing

@@ -141,6 +141,12 @@ class Preprocessor:
         return tuple(self.settings["size"])  # type: ignore[return-value]
 
     def __call__(self, image: Image.Image) -> np.ndarray:
+        try:
+            return self._apply(image)
+        except (ValueError, OSError) as exc:  # e.g. a 1-pixel-high image that resizes to height 0
+            raise ForgetpackError(f"cannot preprocess a {image.size[0]}x{image.size[1]} {image.mode} image ({_short(exc)})") from None
+
+    def _apply(self, image: Image.Image) -> np.ndarray:
         data: Any = image
         for step in self.steps:
             op = step["op"]
