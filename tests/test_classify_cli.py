@@ -1,0 +1,158 @@
+"""``forgetpack export`` and ``forgetpack classify`` through the CLI, including every bad input.
+
+The mini export is shared with test_runtime.py through pytest's session temp dir, and is
+made here through the CLI itself when this module runs first.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from forgetpack.cli import main
+from forgetpack.patch import Layer, Patch
+
+pytestmark = pytest.mark.slow
+
+TEMPLATE = "a photo of the number {}."
+DIGITS = "zero,one,two,three,four,five,six,seven,eight,nine"
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    out = tmp_path_factory.getbasetemp() / "exports" / "mini"
+    if not (out / "manifest.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        assert main(["export", "mini", "-o", str(out), "--force"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Two held-out MNIST digits as PNG files, plus their true names."""
+    from forgetpack.datasets import load_dataset
+
+    data = load_dataset("mnist")
+    root = tmp_path_factory.mktemp("images")
+    paths, names = [], []
+    for want in ("seven", "two"):
+        i = next(i for i, label in enumerate(data.labels) if data.classnames[label] == want)
+        paths.append(root / f"{want}.png")
+        data.images[i].save(paths[-1])
+        names.append(want)
+    return paths, names
+
+
+def run_json(capsys, args: list[str]) -> dict:
+    assert main(args) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def test_export_cli_writes_a_complete_directory(export_dir):
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    assert manifest["model_id"] == "mini"
+    assert {p.name for p in export_dir.iterdir()} == {"manifest.json", "image.onnx", "text.onnx", "tokenizer.json"}
+    assert set(manifest["projections"]) == {"text.proj.weight", "visual.proj"}
+
+
+def test_classify_table_and_json(capsys, export_dir, images):
+    paths, _ = images
+    assert main(["classify", str(export_dir), *map(str, paths), "--labels", DIGITS, "--template", TEMPLATE]) == 0
+    table = capsys.readouterr().out
+    assert "mini via onnx" in table and "seven.png" in table
+    onnx = run_json(capsys, ["classify", str(export_dir), *map(str, paths), "--labels", DIGITS, "--template", TEMPLATE, "--json"])
+    assert onnx["backend"] == "onnx" and onnx["model"] == "mini" and len(onnx["results"]) == 2
+    for r in onnx["results"]:
+        probs = [t["prob"] for t in r["top"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+        assert r["top"][0]["label"] == r["label"] and r["top"][0]["prob"] == r["score"]
+    reference = run_json(capsys, ["classify", "mini", *map(str, paths), "--labels", DIGITS, "--template", TEMPLATE,
+                                  "--backend", "torch", "--json"])
+    assert reference["backend"] == "torch"
+    assert [r["label"] for r in reference["results"]] == [r["label"] for r in onnx["results"]]
+    for a, b in zip(onnx["results"], reference["results"], strict=True):
+        assert abs(a["score"] - b["score"]) < 1e-3
+
+
+def _antipode_patch(export_dir: Path, label: str) -> Patch:
+    import runtime
+
+    backend = runtime.load(export_dir).backend
+    target = "text.proj.weight"
+    w = backend.matrices[target]
+    x = backend.text_features([TEMPLATE.replace("{}", label)])[0].astype(np.float64)
+    y = x @ w.T.astype(np.float64)
+    return Patch.create("mini", {target: w}, [Layer.lowrank(target, (-2.0 * y)[:, None], (x / (x @ x))[None, :])],
+                        layouts={target: "out_in"}, recipe={"forget": [label]})
+
+
+def test_classify_with_a_hot_patch_and_a_baked_export_agree(capsys, tmp_path, export_dir, images):
+    paths, _ = images
+    patch = _antipode_patch(export_dir, "seven").save(tmp_path / "seven.fpatch.safetensors")
+    common = [*map(str, paths), "--labels", DIGITS, "--template", TEMPLATE, "--json"]
+    hot = run_json(capsys, ["classify", str(export_dir), *common, "--patch", str(patch)])
+    assert len(hot["patches"]) == 1 and "seven" not in [r["label"] for r in hot["results"]]
+    baked_dir = tmp_path / "baked"
+    assert main(["export", "mini", "--patch", str(patch), "-o", str(baked_dir)]) == 0
+    capsys.readouterr()
+    baked = run_json(capsys, ["classify", str(baked_dir), *common])
+    assert baked["baked"] == hot["patches"] and baked["patches"] == []
+    torch = run_json(capsys, ["classify", "mini", *common, "--backend", "torch", "--patch", str(patch)])
+    assert [r["label"] for r in hot["results"]] == [r["label"] for r in baked["results"]] == [r["label"] for r in torch["results"]]
+
+
+def _error(capsys, args: list[str]) -> str:
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code != 0, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_input_gives_one_line_and_nonzero_exit(capsys, tmp_path, export_dir, images):
+    paths, _ = images
+    image = str(paths[0])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    mismatch = tmp_path / "mismatch"
+    shutil.copytree(export_dir, mismatch, copy_function=lambda s, d: Path(d).symlink_to(s) if s.endswith(".onnx") else shutil.copy(s, d))
+    manifest = json.loads((mismatch / "manifest.json").read_text())
+    manifest["projections"]["visual.proj"]["current"] = "sha256:" + "0" * 64
+    (mismatch / "manifest.json").write_text(json.dumps(manifest))
+    other = Patch.create("mini", {"text.proj.weight": np.ones((256, 384), np.float32)},
+                         [Layer.lowrank("text.proj.weight", np.ones((256, 1)), np.ones((1, 384)))],
+                         layouts={"text.proj.weight": "out_in"}).save(tmp_path / "other.fpatch.safetensors")
+    cases = {
+        "not a forgetpack export": ["classify", str(tmp_path / "empty"), image, "--labels", "a,b"],
+        "does not match the manifest": ["classify", str(mismatch), image, "--labels", "a,b"],
+        "cannot decode image": ["classify", str(export_dir), str(tmp_path / "broken.png"), "--labels", "a,b"],
+        "image not found": ["classify", str(export_dir), str(tmp_path / "nope.png"), "--labels", "a,b"],
+        "--labels is empty": ["classify", str(export_dir), image, "--labels", " , "],
+        "duplicate label": ["classify", str(export_dir), image, "--labels", "a,a"],
+        "made for a different base": ["classify", str(export_dir), image, "--labels", "a,b", "--patch", str(other)],
+        "CUDAExecutionProvider is not available": ["classify", str(export_dir), image, "--labels", "a,b", "--provider", "cuda"],
+        "unknown runtime backend 'nope'": ["classify", str(export_dir), image, "--labels", "a,b", "--backend", "nope"],
+        "has no '{}'": ["classify", str(export_dir), image, "--labels", "a,b", "--template", "a photo"],
+        "patch not found": ["classify", str(export_dir), image, "--labels", "a,b", "--patch", str(tmp_path / "x.fpatch.safetensors")],
+        "directory exists and is not empty": ["export", "mini", "-o", str(export_dir)],
+        "unknown model spec": ["export", "nonsense", "-o", str(tmp_path / "out")],
+        "not an export directory": ["classify", "/no/such/dir", image, "--labels", "a", "--backend", "onnx"],
+    }
+    for message, args in cases.items():
+        err = _error(capsys, args)
+        assert message in err, (message, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_int8_through_the_cli(capsys, tmp_path, images):
+    out = tmp_path / "int8"
+    assert main(["export", "mini", "-o", str(out), "--quantize", "int8", "--json"]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["precision"] == "int8"
+    paths, names = images
+    result = run_json(capsys, ["classify", str(out), *map(str, paths), "--labels", DIGITS, "--template", TEMPLATE, "--json"])
+    assert len(result["results"]) == len(names)
