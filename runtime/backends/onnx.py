@@ -102,6 +102,8 @@ class OnnxBackend(Backend):
             self._bias[target] = self._read(graph, proj.bias).astype(np.float32) if proj.bias else None
         self.targets = {t: TargetInfo(tuple(p.shape), p.layout, p.base) for t, p in manifest.projections.items()}
         self._matrices = dict(self._graph_matrices)  # current state: graph (+ baked) + hot patches
+        self._forms = self._feature_forms(self._matrices)
+        self._matmul = self._projector()
         self._sessions = {name: self._session(name, {}) for name in manifest.towers}
         self._preprocess = Preprocessor(manifest.preprocess) if "image" in manifest.towers else None
         self._tokenizer = TextTokenizer(self.directory, manifest.tokenizer) if "text" in manifest.towers else None
@@ -178,9 +180,28 @@ class OnnxBackend(Backend):
             return None
         return target
 
+    def _feature_forms(self, matrices: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Each matrix as the contiguous float32 ``M`` of ``embeddings = features @ M``."""
+        return {t: np.ascontiguousarray(m if self.targets[t].layout == "in_out" else m.T, dtype=np.float32)
+                for t, m in matrices.items()}
+
+    @staticmethod
+    def _projector() -> Any:
+        """A one-MatMul session on one CPU thread for re-projection (see onnxfile.matmul_graph)."""
+        import onnxruntime as ort
+
+        from runtime.onnxfile import matmul_graph
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        return ort.InferenceSession(matmul_graph(), options, providers=["CPUExecutionProvider"])
+
     def _project(self, target: str, features: np.ndarray) -> np.ndarray:
-        w = self._matrices[target]
-        out = features @ w if self.targets[target].layout == "in_out" else features @ w.T
+        if len(features) == 0:
+            return np.zeros((0, self._forms[target].shape[1]), np.float32)
+        (out,) = self._matmul.run(None, {"x": np.ascontiguousarray(features, dtype=np.float32), "w": self._forms[target]})
         bias = self._bias[target]
         return out + bias if bias is not None else out
 
@@ -251,5 +272,6 @@ class OnnxBackend(Backend):
                 overrides = {} if np.array_equal(matrices[target], self._graph_matrices[target]) else {
                     self.manifest.projections[target].initializer: matrices[target]}
                 sessions[tower] = self._session(tower, overrides)
+        self._forms = self._feature_forms(matrices)
         self._matrices = matrices
         self._sessions = sessions
