@@ -46,9 +46,12 @@ TARGETS = ("antipode", "mirror", "empty")
 TARGET_NORMS = ("original", "unit")
 DEFAULT_TEMPLATES = ("{}", "a photo of a {}.", "a photo of the {}.", "an image of a {}.", "a {}.")
 MAX_STRENGTHEN = 6  # re-solves with a stronger forget weight before giving up
+MAX_PRESERVE_STEPS = 3  # re-solves with a stronger preserve weight while retention is short of RETAIN_GOAL
+PRESERVE_STEP = 4.0
 EMPTY_NOISE = 0.5  # the paper's re-draw noise for the empty-string target
 EMPTY_MAX_DRAWS = 1000
 RETAIN_GOAL = 0.98
+DEFAULT_BACKGROUND = 1.0  # weight of the whole-vocabulary preserve block, relative to the preserve set
 
 
 @dataclass
@@ -94,6 +97,7 @@ def forget(
     seed: int = 0,
     weights: Weights | None = None,
     neighbours: int = DEFAULT_NEIGHBOURS,
+    background: float = DEFAULT_BACKGROUND,
     verify: bool = True,
     progress: bool = False,
 ) -> ForgetResult:
@@ -162,6 +166,9 @@ def forget(
     preserve_prompts = [t.format(p) for t in templates for p in preserve_names]
     T = forget_targets(space, target, target_norm, forget_names, templates, candidates, seed)
     X_p = space.X(preserve_prompts) if preserve_prompts else np.zeros((0, M.shape[0]))
+    n_preserve = len(X_p)
+    if background > 0 and getattr(the_solver, "uses_background", True):
+        X_p = np.concatenate([X_p, background_rows(space, pool, hood, len(X_p), background)])
     problem = Problem(
         M=M,
         X_f=space.X(forget_prompts),
@@ -171,18 +178,34 @@ def forget(
         weights=weights or the_solver.default_weights(len(forget_names)),
         rank=rank,
         seed=seed,
+        n_preserve=n_preserve or None,
     )
 
-    # 3. solve, verify, strengthen
+    # 3. solve, verify; strengthen forgetting until it holds, then preservation while it holds
     t0 = time.perf_counter()
-    attempts = []
+    attempts: list[dict[str, Any]] = []
+    best = None  # (solution, layer, effect, weights) of the best verified solve
+    preserve_steps = 0
     while True:
         solution = the_solver.solve(problem)
         layer = solution.layer(proj)
         patched = proj.feature_form(layer.apply(W))
         effect = measure(space, patched, forget_names, preserve_names, candidates, hood, templates, pool)
-        attempts.append({"weights": problem.weights.to_json(), "forgotten": effect["all_forgotten"], "retained": effect["retained"]})
-        if not verify or effect["all_forgotten"]:
+        attempts.append({"weights": problem.weights.to_json(), "forgotten": effect["all_forgotten"], "retained": effect["retained"],
+                         "retained_min": effect["retained_min"]})
+        if not verify:
+            best = (solution, layer, effect, problem.weights)
+            break
+        if effect["all_forgotten"]:
+            if best is None or effect["retained_min"] > best[2]["retained_min"]:
+                best = (solution, layer, effect, problem.weights)
+            if effect["retained_min"] >= RETAIN_GOAL or preserve_steps >= MAX_PRESERVE_STEPS or not preserve_names:
+                break
+            preserve_steps += 1  # forgotten, but too many other candidates moved: hold them harder
+            w = problem.weights
+            problem = problem.with_weights(Weights(w.forget, w.preserve * PRESERVE_STEP, w.update))
+            continue
+        if best is not None:  # holding harder undid the forgetting: keep the best verified solve
             break
         stronger = the_solver.strengthen(problem.weights) if len(attempts) <= MAX_STRENGTHEN else None
         if stronger is None:
@@ -190,9 +213,10 @@ def forget(
             raise ForgetpackError(
                 f"could not verify forgetting of {', '.join(map(repr, still))} with solver {solver} after "
                 f"{len(attempts)} attempt(s) (forget weight up to {problem.weights.forget:g}); "
-                "try --target antipode, fewer templates, or forgetting its aliases too"
+                "try another --target, fewer templates, or forgetting its aliases too"
             )
         problem = problem.with_weights(stronger)
+    solution, layer, effect, final_weights = best
     timings["solve"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
 
@@ -206,9 +230,10 @@ def forget(
         "target": target,
         "target_norm": target_norm,
         "templates": list(templates),
-        "weights": problem.weights.to_json(),
+        "weights": final_weights.to_json(),
         "rank": rank,
         "seed": seed,
+        "background": background,
         "projection": proj.target,
     }
     patch = Patch.create(
@@ -233,6 +258,20 @@ def forget(
         "prompts": len(space.features),
     }
     return ForgetResult(patch, report, solution)
+
+
+def background_rows(space: _Space, pool: Sequence[str], hood: Neighbourhood, n_preserve: int, weight: float) -> np.ndarray:
+    """Bare features of every vocabulary name (aliases excepted), scaled so that this block
+    weighs ``weight`` times the preserve set in the squared objective (or as much as one
+    preserve row per name when there is no preserve set). Their features are encoded anyway
+    (for the neighbour search), and they pin the update down on everything text features have in
+    common, not just on the neighbours."""
+    aliases = set(hood.alias_names())
+    names = [n for n in pool if n not in aliases]
+    if not names:
+        return np.zeros((0, space.M.shape[0]))
+    scale = np.sqrt(weight * max(n_preserve, 1) / len(names))
+    return space.X(names) * scale
 
 
 def check_templates(templates: Sequence[str]) -> list[str]:
@@ -354,6 +393,29 @@ def measure(
         "preserve_drift": round(drift, 6),
         "candidates": len(candidates),
     }
+
+
+def measure_patches(loaded: Any, patches: Sequence[Patch], report: dict[str, Any]) -> dict[str, Any]:
+    """The text-space effect of applying ``patches`` in order, on the candidates of ``report``
+    (a ``ForgetResult.report``): how stacked patches compare with a composed one."""
+    from forgetpack.features import text_features
+    from forgetpack.projections import find_projection, projection_bias, projection_matrix
+    from forgetpack.vocabulary import vocabulary as full_vocabulary
+
+    proj = find_projection(loaded.model, "text")
+    W = projection_matrix(loaded.model, proj)
+    patched = W
+    for p in patches:
+        patched = p.apply({proj.target: patched})[proj.target]
+    recipe = report["recipe"]
+    forget_names, preserve_names, templates = recipe["forget"], recipe["preserve"], recipe["templates"]
+    hood = Neighbourhood(preserve_names, {f: [tuple(x) for x in v] for f, v in report["neighbours"].items()},
+                         {f: [tuple(x) for x in v] for f, v in report["aliases"].items()})
+    candidates = list(dict.fromkeys([*forget_names, *preserve_names, *(n for ns in hood.neighbours.values() for n, _ in ns), *hood.alias_names()]))
+    pool = full_vocabulary([*recipe.get("vocabulary", {}).get("extra", []), *preserve_names], exclude=forget_names)
+    prompts = list(dict.fromkeys([*pool, *forget_names, *(t.format(c) for t in templates for c in candidates)]))
+    space = _Space(dict(zip(prompts, text_features(loaded, prompts), strict=True)), proj.feature_form(W), projection_bias(loaded.model, proj))
+    return measure(space, proj.feature_form(patched), forget_names, preserve_names, candidates, hood, templates, pool)
 
 
 def effect_for_patch(effect: dict[str, Any], hood: Neighbourhood) -> dict[str, Any]:

@@ -50,6 +50,7 @@ class Problem:
     weights: Weights
     rank: int | None = None  # None: the solver's default
     seed: int = 0
+    n_preserve: int | None = None  # preserve rows that count for per-row means (extra weighted rows don't)
 
     def __post_init__(self) -> None:
         width, embed = self.M.shape

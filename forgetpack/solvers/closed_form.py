@@ -6,6 +6,7 @@ update ``Δ`` of ``M`` (feature form, ``y = x @ M``):
     L(Δ) = a‖R_f − X_f Δ‖² + b‖R_p − X_p Δ‖² + c‖Δ‖²,
     R_f = T − X_f M,  R_p = Y_p − X_p M  (zero when Y_p is the base output),
     a = lf / n_f,  b = lp / n_p,  c = lw · mean‖x‖²
+    (n_p counts the preserve prompts; the engine's extra vocabulary rows come pre-weighted)
 
 (per-row means, so the weights do not depend on how many prompts there are, and the ridge
 is scaled by the features' size, so ``lw`` means the same on every model). Its gradient
@@ -55,7 +56,7 @@ def coefficients(problem: Problem) -> tuple[float, float, float]:
     rows = np.concatenate([problem.X_f, problem.X_p]) if n_p else problem.X_f
     scale = float(np.mean(np.sum(rows * rows, axis=1)))
     a = w.forget / n_f
-    b = w.preserve / n_p if n_p else 0.0
+    b = w.preserve / max(problem.n_preserve or n_p, 1) if n_p else 0.0
     c = w.update * scale
     return a, b, c
 

@@ -26,6 +26,7 @@ SPAN_TOL = 1e-6
 
 class NullspaceSolver:
     name = "nullspace"
+    uses_background = False  # a 1,000-name preserve span would leave no direction to remove
 
     def default_weights(self, n_forget_names: int) -> Weights:
         return Weights(forget=1.0, preserve=1.0, update=0.0)
