@@ -14,8 +14,8 @@ vanishes at
 
     G Δ* = a X_fᵀ R_f + b X_pᵀ R_p,   G = a X_fᵀX_f + b X_pᵀX_p + c I,
 
-and since ``L(Δ) = ‖G^½ (Δ − Δ*)‖² + const``, the best update of rank ≤ r is
-``G^-½ · SVD_r(G^½ Δ*)`` (Eckart–Young in the metric ``G``). With ``R_p = 0`` the right-hand
+and since ``L(Δ) = ‖Lᵀ(Δ − Δ*)‖² + const`` for ``G = LLᵀ``, the best update of rank ≤ r is
+``L⁻ᵀ · SVD_r(Lᵀ Δ*)`` (Eckart–Young in the metric ``G``). With ``R_p = 0`` the right-hand
 side has rank ≤ n_f, so the exact optimum already has rank ≤ the number of forget rows.
 """
 
@@ -72,20 +72,33 @@ def objective(problem: Problem, delta: np.ndarray) -> float:
 
 
 def solve_closed_form(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
-    """Factors ``up [width, r]``, ``down [r, embed]`` of the optimal update of rank ≤ ``problem.rank``."""
+    """Factors ``up [width, r]``, ``down [r, embed]`` of the optimal update of rank ≤ ``problem.rank``.
+
+    Computed without any width×width decomposition (one linear solve): the right-hand side is
+    ``Xᵀ C`` with few rows ``X`` (the forget rows, plus the preserve rows only if their targets
+    differ from the base output), so ``Δ* = A C`` with ``A = G⁻¹Xᵀ``. For ``G = LLᵀ``,
+    ``LᵀA = U₀ Λ^½ Vᵀ`` where ``K = X G⁻¹ Xᵀ = V Λ Vᵀ`` is tiny, hence
+    ``LᵀΔ* = U₀ · SVD(Λ^½ Vᵀ C)`` and the rank-r optimum ``L⁻ᵀ SVD_r(LᵀΔ*)`` is
+    ``A V Λ^-½ U_c,r S_r V_c,rᵀ``: a few small matrices.
+    """
     a, b, c = coefficients(problem)
     X_f, X_p, M = problem.X_f, problem.X_p, problem.M
-    G = a * X_f.T @ X_f + c * np.eye(M.shape[0])
-    rhs = a * X_f.T @ (problem.T - X_f @ M)
+    G = a * (X_f.T @ X_f) + c * np.eye(M.shape[0])
+    X, C = X_f, a * (problem.T - X_f @ M)
     if len(X_p):
-        G += b * X_p.T @ X_p
-        rhs += b * X_p.T @ (problem.Y_p - X_p @ M)
-    lam, Q = np.linalg.eigh((G + G.T) / 2)
-    lam = np.maximum(lam, lam.max() * 1e-15)
-    inv_root = (Q / np.sqrt(lam)) @ Q.T  # G^-1/2
-    Z = inv_root @ rhs  # G^1/2 Δ*  (= G^-1/2 rhs)
-    U, S, Vt = np.linalg.svd(Z, full_matrices=False)
-    keep = int(np.sum(S > RANK_TOL * max(S[0], 1e-300))) if S.size else 0
-    r = max(1, min(keep, problem.rank or keep))
+        G += b * (X_p.T @ X_p)
+        R_p = problem.Y_p - X_p @ M
+        if np.any(R_p != 0):
+            X, C = np.concatenate([X, X_p]), np.concatenate([C, b * R_p])
+    A = np.linalg.solve(G, X.T)  # [width, n]
+    K = X @ A
+    lam, V = np.linalg.eigh((K + K.T) / 2)
+    keep = lam > RANK_TOL * max(lam.max(), 1e-300)
+    lam, V = lam[keep], V[:, keep]
+    small = (np.sqrt(lam)[:, None] * V.T) @ C  # Λ^½ Vᵀ C
+    Uc, S, Vct = np.linalg.svd(small, full_matrices=False)
+    nonzero = int(np.sum(S > RANK_TOL * max(S[0], 1e-300))) if S.size else 0
+    r = max(1, min(nonzero, problem.rank or nonzero))
     root = np.sqrt(S[:r])
-    return inv_root @ (U[:, :r] * root), root[:, None] * Vt[:r]
+    up = (A @ (V / np.sqrt(lam))) @ (Uc[:, :r] * root)
+    return up, root[:, None] * Vct[:r]
