@@ -70,12 +70,21 @@ class _Space:
     features: dict[str, np.ndarray]
     M: np.ndarray  # feature-form base projection
     bias: np.ndarray | None
+    _base: dict[str, np.ndarray] = field(default_factory=dict)  # base embeddings, computed once per prompt
 
     def X(self, prompts: Sequence[str]) -> np.ndarray:
         return np.stack([self.features[p] for p in prompts]).astype(np.float64)
 
     def embed(self, prompts: Sequence[str], M: np.ndarray | None = None) -> np.ndarray:
-        y = self.X(prompts) @ (self.M if M is None else M)
+        if M is None:
+            todo = list(dict.fromkeys(p for p in prompts if p not in self._base))
+            if todo:
+                self._base.update(zip(todo, self._project(self.X(todo), self.M), strict=True))
+            return np.stack([self._base[p] for p in prompts])
+        return self._project(self.X(prompts), M)
+
+    def _project(self, X: np.ndarray, M: np.ndarray) -> np.ndarray:
+        y = X @ M
         return y + self.bias if self.bias is not None else y
 
 
@@ -189,8 +198,7 @@ def forget(
     while True:
         solution = the_solver.solve(problem)
         layer = solution.layer(proj)
-        patched = proj.feature_form(layer.apply(W))
-        effect = measure(space, patched, forget_names, preserve_names, candidates, hood, templates, pool)
+        effect = measure(space, _feature_factors(layer, proj.layout), forget_names, preserve_names, candidates, hood, templates, pool)
         attempts.append({"weights": problem.weights.to_json(), "forgotten": effect["all_forgotten"], "retained": effect["retained"],
                          "retained_min": effect["retained_min"]})
         if not verify:
@@ -335,10 +343,11 @@ def forget_targets(
 
 
 def measure(
-    space: _Space, patched: np.ndarray, forget_names: Sequence[str], preserve_names: Sequence[str],
+    space: _Space, patched: np.ndarray | tuple[np.ndarray, np.ndarray], forget_names: Sequence[str], preserve_names: Sequence[str],
     candidates: Sequence[str], hood: Neighbourhood, templates: Sequence[str], vocabulary: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The text-space effect of a patched projection (feature form).
+    """The text-space effect of a patched projection: its feature-form matrix, or the low-rank
+    factors ``(up, down)`` of its change (the same numbers, far cheaper on a big vocabulary).
 
     For each template: images are stood in for by each candidate's *original* embedding,
     classified over the candidates' *patched* embeddings. ``vocabulary_retained`` does the
@@ -355,7 +364,7 @@ def measure(
     for t in templates:
         prompts = [t.format(c) for c in candidates]
         before = unit_rows(space.embed(prompts))
-        after = unit_rows(space.embed(prompts, patched))
+        after = unit_rows(_after(space, prompts, patched))
         pred = np.argmax(before @ after.T, axis=1)
         for f in forget_names:
             i = idx[f]
@@ -374,12 +383,12 @@ def measure(
     drift = 0.0
     if preserve_names:
         pp = [t.format(p) for t in templates for p in preserve_names]
-        cos = np.sum(unit_rows(space.embed(pp)) * unit_rows(space.embed(pp, patched)), axis=1)
+        cos = np.sum(unit_rows(space.embed(pp)) * unit_rows(_after(space, pp, patched)), axis=1)
         drift = float(np.mean(1.0 - cos))
     vocabulary_retained = 1.0
     if vocabulary:
         names = [*forget_names, *vocabulary]
-        pred = np.argmax(unit_rows(space.embed(names)) @ unit_rows(space.embed(names, patched)).T, axis=1)
+        pred = np.argmax(unit_rows(space.embed(names)) @ unit_rows(_after(space, names, patched)).T, axis=1)
         keep = [i for i, n in enumerate(names) if n not in forget_set and n not in alias_set]
         vocabulary_retained = float(np.mean(pred[keep] == np.asarray(keep)))
     return {
@@ -393,6 +402,19 @@ def measure(
         "preserve_drift": round(drift, 6),
         "candidates": len(candidates),
     }
+
+
+def _after(space: _Space, prompts: Sequence[str], patched: np.ndarray | tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    if isinstance(patched, tuple):
+        up, down = patched
+        return space.embed(prompts) + (space.X(prompts) @ up) @ down
+    return space.embed(prompts, patched)
+
+
+def _feature_factors(layer: Any, layout: str) -> tuple[np.ndarray, np.ndarray]:
+    """A low-rank layer's stored factors as a feature-form change ``up @ down`` (float64)."""
+    up, down = layer.up.astype(np.float64), layer.down.astype(np.float64)
+    return (up, down) if layout == "in_out" else (down.T, up.T)
 
 
 def measure_patches(loaded: Any, patches: Sequence[Patch], report: dict[str, Any]) -> dict[str, Any]:

@@ -82,9 +82,9 @@ def text_fingerprint(model: Any, tokenizer: Any) -> str:
         return memo[1]
     h = hashlib.sha256(f"forgetpack.features.v{FEATURE_VERSION}|{_describe_tokenizer(tokenizer)}\n".encode())
     for name, p in params:
-        array = p.detach().cpu().contiguous().numpy()
+        array = np.ascontiguousarray(p.detach().cpu().numpy())
         h.update(f"{name}|{array.dtype.str}|{list(array.shape)}\n".encode())
-        h.update(array.tobytes())
+        h.update(memoryview(array).cast("B"))  # no copy
     fp = "sha256:" + h.hexdigest()
     _fingerprints[model] = (versions, fp)
     return fp

@@ -187,7 +187,7 @@ def test_closed_form_without_preserve_and_solver_info() -> None:
     problem = random_problem(5, n_p=0)
     solution = ClosedFormSolver().solve(problem)
     assert solution.info["forget_residual"] < solution.info["initial_forget"]
-    assert solution.info["preserve_residual"] == 0.0
+    assert solution.info["preserve_change"] == 0.0
 
 
 # ---------------------------------------------------------------------------- nullspace

@@ -39,12 +39,11 @@ class ClosedFormSolver:
 
     def solve(self, problem: Problem) -> Solution:
         up, down = solve_closed_form(problem)
-        delta = up @ down
+        forget_out = problem.X_f @ problem.M + (problem.X_f @ up) @ down  # through the factors: cheap
         info = {
-            "objective": float(objective(problem, delta)),
-            "forget_residual": problem.forget_residual(delta),
+            "forget_residual": float(np.linalg.norm(problem.T - forget_out)),
             "initial_forget": problem.forget_residual(),
-            "preserve_residual": problem.preserve_residual(delta),
+            "preserve_change": float(np.linalg.norm((problem.X_p @ up) @ down)) if len(problem.X_p) else 0.0,
         }
         return Solution(up, down, info)
 
