@@ -507,7 +507,7 @@ def render_table(report: EvalReport, console: Any = None, per_class: bool | None
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or Console(markup=False, highlight=False)  # user names print verbatim
     has_patch = report.patched is not None
     after = report.patched or {}
     title = f"{report.model}"

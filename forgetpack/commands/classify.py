@@ -58,8 +58,9 @@ def classify(source: str, images: tuple[str, ...], labels_text: str, templates: 
             "templates": list(templates) or list(runtime.DEFAULT_TEMPLATES), "results": results,
         }, indent=2, ensure_ascii=False))
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from forgetpack.commands import console
 
     title = f"{model.model_id} via {model.backend.name}" + (f", {len(model.patches)} patch(es)" if model.patches else "")
     table = Table(title=title, title_justify="left")
@@ -70,4 +71,4 @@ def classify(source: str, images: tuple[str, ...], labels_text: str, templates: 
     for r in results:
         rest = ", ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"][1:])
         table.add_row(r["image"], r["label"], f"{r['score']:.3f}", rest)
-    Console().print(table)
+    console().print(table)

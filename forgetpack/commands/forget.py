@@ -32,8 +32,10 @@ def _print_result(result: Any, output: Path, as_json: bool) -> None:
         data = {**report, "patch": str(output), "size_bytes": size, "digest": result.patch.digest}
         click.echo(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False))
         return
-    from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
+
+    from forgetpack.commands import console as make_console
 
     recipe, effect = report["recipe"], report["effect"]
     bare = recipe["templates"][0]
@@ -43,8 +45,8 @@ def _print_result(result: Any, output: Path, as_json: bool) -> None:
     table.add_column("similarity to original", justify="right")
     table.add_column(f"now predicted as ({bare!r})")
     for name, e in effect["forget"].items():
-        table.add_row(name, "yes" if e["forgotten"] else "[red]NO[/red]", f"{e['self_similarity']:+.3f}", e["predicted"][bare])
-    console = Console()
+        table.add_row(name, "yes" if e["forgotten"] else Text("NO", style="red"), f"{e['self_similarity']:+.3f}", e["predicted"][bare])
+    console = make_console()
     console.print(table)
     info = Table(show_header=False, box=None)
     info.add_column(style="bold")
