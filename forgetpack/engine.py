@@ -48,6 +48,8 @@ DEFAULT_TEMPLATES = ("{}", "a photo of a {}.", "a photo of the {}.", "an image o
 MAX_STRENGTHEN = 6  # re-solves with a stronger forget weight before giving up
 MAX_PRESERVE_STEPS = 3  # re-solves with a stronger preserve weight while retention is short of RETAIN_GOAL
 PRESERVE_STEP = 4.0
+ADAPTIVE_ROUNDS = 1  # automatic preserve sets: re-solve once with the most-moved vocabulary names added
+MOVED_MIN = 1e-4
 EMPTY_NOISE = 0.5  # the paper's re-draw noise for the empty-string target
 EMPTY_MAX_DRAWS = 1000
 RETAIN_GOAL = 0.98
@@ -113,8 +115,9 @@ def forget(
     """Make ``loaded`` forget ``forget_names``; returns the patch and a report.
 
     ``preserve`` is an explicit preserve list; otherwise the ``auto_preserve`` (default 20)
-    nearest vocabulary names per forget name are preserved. ``vocabulary`` adds candidate
-    names to the built-in one. ``verify=False`` skips the strengthening loop (the effect is
+    nearest vocabulary names per forget name are preserved, and then (one adaptive round) the
+    vocabulary names that solve moved most. The vocabulary is the built-in one, the model's own
+    class names (``LoadedModel.vocabulary``) and the ``vocabulary`` given here. ``verify=False`` skips the strengthening loop (the effect is
     still measured and recorded), for benchmarks of raw solvers.
     """
     from forgetpack import vocabulary as vocab
@@ -142,6 +145,7 @@ def forget(
     templates = check_templates(templates)
     the_solver = get_solver(solver)
     extra = vocab.clean_names(vocabulary, "vocabulary") if vocabulary else []
+    model_names = [n for n in getattr(loaded, "vocabulary", ()) if n not in extra]
 
     model = loaded.model
     proj = find_projection(model, "text")
@@ -150,7 +154,7 @@ def forget(
     M = proj.feature_form(W)
 
     # 1. bare-name features of the vocabulary, forget and preserve names: neighbours and aliases
-    pool = vocab.vocabulary([*extra, *(explicit or [])], exclude=forget_names)
+    pool = vocab.vocabulary([*model_names, *extra, *(explicit or [])], exclude=forget_names)
     bare = list(dict.fromkeys([*forget_names, *pool, ""]))
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -162,69 +166,38 @@ def forget(
         pool, space.X(pool), space.embed(pool), center,
         k=k, explicit=explicit, n_neighbours=max(neighbours, k if explicit is None else 0),
     )  # fmt: skip
-    preserve_names = hood.preserve
-    candidates = list(dict.fromkeys([*forget_names, *preserve_names, *(n for ns in hood.neighbours.values() for n, _ in ns), *hood.alias_names()]))
-
-    # 2. every template of every candidate
-    prompts = [t.format(n) for t in templates for n in candidates]
-    t0 = time.perf_counter()
-    space.features.update(zip(prompts, text_features(loaded, prompts, progress=progress), strict=True))
-    timings["encode_templates"] = time.perf_counter() - t0
-
-    forget_prompts = [t.format(f) for t in templates for f in forget_names]
-    preserve_prompts = [t.format(p) for t in templates for p in preserve_names]
-    T = forget_targets(space, target, target_norm, forget_names, templates, candidates, seed)
-    X_p = space.X(preserve_prompts) if preserve_prompts else np.zeros((0, M.shape[0]))
-    n_preserve = len(X_p)
-    if background > 0 and getattr(the_solver, "uses_background", True):
-        X_p = np.concatenate([X_p, background_rows(space, pool, hood, len(X_p), background)])
-    problem = Problem(
-        M=M,
-        X_f=space.X(forget_prompts),
-        T=T - bias if bias is not None else T,
-        X_p=X_p,
-        Y_p=X_p @ M,
-        weights=weights or the_solver.default_weights(len(forget_names)),
-        rank=rank,
-        seed=seed,
-        n_preserve=n_preserve or None,
-    )
-
-    # 3. solve, verify; strengthen forgetting until it holds, then preservation while it holds
-    t0 = time.perf_counter()
+    preserve_names = list(hood.preserve)
+    alias_set = set(hood.alias_names())
+    timings["encode_templates"] = timings["solve"] = 0.0
     attempts: list[dict[str, Any]] = []
-    best = None  # (solution, layer, effect, weights) of the best verified solve
-    preserve_steps = 0
-    while True:
-        solution = the_solver.solve(problem)
-        layer = solution.layer(proj)
-        effect = measure(space, _feature_factors(layer, proj.layout), forget_names, preserve_names, candidates, hood, templates, pool)
-        attempts.append({"weights": problem.weights.to_json(), "forgotten": effect["all_forgotten"], "retained": effect["retained"],
-                         "retained_min": effect["retained_min"]})
-        if not verify:
-            best = (solution, layer, effect, problem.weights)
+    current = weights or the_solver.default_weights(len(forget_names))
+    added: list[str] = []
+    rounds = 1 + (ADAPTIVE_ROUNDS if explicit is None and verify and k > 0 else 0)
+    for round_ in range(rounds):
+        candidates = list(dict.fromkeys([*forget_names, *preserve_names, *(n for ns in hood.neighbours.values() for n, _ in ns), *alias_set]))
+
+        # 2. every template of every candidate
+        prompts = [p for p in (t.format(n) for t in templates for n in candidates) if p not in space.features]
+        t0 = time.perf_counter()
+        if prompts:
+            space.features.update(zip(prompts, text_features(loaded, prompts, progress=progress), strict=True))
+        timings["encode_templates"] += time.perf_counter() - t0
+
+        # 3. solve, verify; strengthen forgetting until it holds, then preservation while it holds
+        t0 = time.perf_counter()
+        problem = build_problem(space, the_solver, forget_names, preserve_names, candidates, templates, pool, hood,
+                                target, target_norm, seed, current, rank, background)
+        solution, layer, effect, current = solve_verified(space, the_solver, problem, proj, forget_names, preserve_names,
+                                                          candidates, hood, templates, pool, verify, attempts)
+        timings["solve"] += time.perf_counter() - t0
+        if round_ == rounds - 1:
             break
-        if effect["all_forgotten"]:
-            if best is None or effect["retained_min"] > best[2]["retained_min"]:
-                best = (solution, layer, effect, problem.weights)
-            if effect["retained_min"] >= RETAIN_GOAL or preserve_steps >= MAX_PRESERVE_STEPS or not preserve_names:
-                break
-            preserve_steps += 1  # forgotten, but too many other candidates moved: hold them harder
-            w = problem.weights
-            problem = problem.with_weights(Weights(w.forget, w.preserve * PRESERVE_STEP, w.update))
-            continue
-        if best is not None:  # holding harder undid the forgetting: keep the best verified solve
+        # 4. adaptive preserve: the vocabulary names this update moved most join the preserve set
+        moved = most_moved(space, _feature_factors(layer, proj.layout), pool, exclude={*preserve_names, *alias_set}, count=k)
+        if not moved:
             break
-        stronger = the_solver.strengthen(problem.weights) if len(attempts) <= MAX_STRENGTHEN else None
-        if stronger is None:
-            still = [f for f, e in effect["forget"].items() if not e["forgotten"]]
-            raise ForgetpackError(
-                f"could not verify forgetting of {', '.join(map(repr, still))} with solver {solver} after "
-                f"{len(attempts)} attempt(s) (forget weight up to {problem.weights.forget:g}); "
-                "try another --target, fewer templates, or forgetting its aliases too"
-            )
-        problem = problem.with_weights(stronger)
-    solution, layer, effect, final_weights = best
+        preserve_names += moved
+        added += moved
     timings["solve"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
 
@@ -233,12 +206,13 @@ def forget(
         "forget": forget_names,
         "preserve": preserve_names,
         "preserve_mode": "explicit" if explicit is not None else f"auto:{k}",
-        "vocabulary": {"builtin": "imagenet-1k", "extra": extra},
+        "preserve_added": added,
+        "vocabulary": {"builtin": "imagenet-1k", "model": model_names, "extra": extra},
         "solver": the_solver.name,
         "target": target,
         "target_norm": target_norm,
         "templates": list(templates),
-        "weights": final_weights.to_json(),
+        "weights": current.to_json(),
         "rank": rank,
         "seed": seed,
         "background": background,
@@ -266,6 +240,71 @@ def forget(
         "prompts": len(space.features),
     }
     return ForgetResult(patch, report, solution)
+
+
+def build_problem(space: _Space, the_solver: Any, forget_names: Sequence[str], preserve_names: Sequence[str],
+                  candidates: Sequence[str], templates: Sequence[str], pool: Sequence[str], hood: Neighbourhood,
+                  target: str, target_norm: str, seed: int, weights: Weights, rank: int | None, background: float) -> Problem:
+    """The solver's view: forget rows and their targets, preserve rows (plus background rows)."""
+    M, bias = space.M, space.bias
+    forget_prompts = [t.format(f) for t in templates for f in forget_names]
+    preserve_prompts = [t.format(p) for t in templates for p in preserve_names]
+    T = forget_targets(space, target, target_norm, forget_names, templates, candidates, seed)
+    X_p = space.X(preserve_prompts) if preserve_prompts else np.zeros((0, M.shape[0]))
+    n_preserve = len(X_p)
+    if background > 0 and getattr(the_solver, "uses_background", True):
+        X_p = np.concatenate([X_p, background_rows(space, pool, hood, n_preserve, background)])
+    return Problem(M=M, X_f=space.X(forget_prompts), T=T - bias if bias is not None else T, X_p=X_p, Y_p=X_p @ M,
+                   weights=weights, rank=rank, seed=seed, n_preserve=n_preserve or None)
+
+
+def solve_verified(space: _Space, the_solver: Any, problem: Problem, proj: Any, forget_names: Sequence[str],
+                   preserve_names: Sequence[str], candidates: Sequence[str], hood: Neighbourhood, templates: Sequence[str],
+                   pool: Sequence[str], verify: bool, attempts: list[dict[str, Any]]) -> tuple[Solution, Any, dict[str, Any], Weights]:
+    """Solve; strengthen the forget weight until forgetting verifies, then the preserve weight
+    while retention is short of ``RETAIN_GOAL`` (keeping the best verified solve)."""
+    best = None
+    preserve_steps = 0
+    first = len(attempts)
+    while True:
+        solution = the_solver.solve(problem)
+        layer = solution.layer(proj)
+        effect = measure(space, _feature_factors(layer, proj.layout), forget_names, preserve_names, candidates, hood, templates, pool)
+        attempts.append({"weights": problem.weights.to_json(), "preserve_names": len(preserve_names), "forgotten": effect["all_forgotten"],
+                         "retained": effect["retained"], "retained_min": effect["retained_min"]})
+        if not verify:
+            return solution, layer, effect, problem.weights
+        if effect["all_forgotten"]:
+            if best is None or effect["retained_min"] > best[2]["retained_min"]:
+                best = (solution, layer, effect, problem.weights)
+            if effect["retained_min"] >= RETAIN_GOAL or preserve_steps >= MAX_PRESERVE_STEPS or not preserve_names:
+                return best
+            preserve_steps += 1  # forgotten, but too many other candidates moved: hold them harder
+            w = problem.weights
+            problem = problem.with_weights(Weights(w.forget, w.preserve * PRESERVE_STEP, w.update))
+            continue
+        if best is not None:  # holding harder undid the forgetting: keep the best verified solve
+            return best
+        stronger = the_solver.strengthen(problem.weights) if len(attempts) - first <= MAX_STRENGTHEN else None
+        if stronger is None:
+            still = [f for f, e in effect["forget"].items() if not e["forgotten"]]
+            raise ForgetpackError(
+                f"could not verify forgetting of {', '.join(map(repr, still))} with solver {the_solver.name} after "
+                f"{len(attempts) - first} attempt(s) (forget weight up to {problem.weights.forget:g}); "
+                "try another --target, fewer templates, or forgetting its aliases too"
+            )
+        problem = problem.with_weights(stronger)
+
+
+def most_moved(space: _Space, change: tuple[np.ndarray, np.ndarray], pool: Sequence[str], exclude: set[str], count: int) -> list[str]:
+    """The ``count`` vocabulary names whose bare embedding the change turns most (cosine drift
+    above ``MOVED_MIN``): the names an automatic preserve set should hold next."""
+    names = [n for n in pool if n not in exclude]
+    if not names or count <= 0:
+        return []
+    drift = 1.0 - np.sum(unit_rows(space.embed(names)) * unit_rows(_after(space, names, change)), axis=1)
+    order = np.argsort(-drift, kind="stable")[:count]
+    return [names[i] for i in order if drift[i] > MOVED_MIN]
 
 
 def background_rows(space: _Space, pool: Sequence[str], hood: Neighbourhood, n_preserve: int, weight: float) -> np.ndarray:
@@ -434,7 +473,8 @@ def measure_patches(loaded: Any, patches: Sequence[Patch], report: dict[str, Any
     hood = Neighbourhood(preserve_names, {f: [tuple(x) for x in v] for f, v in report["neighbours"].items()},
                          {f: [tuple(x) for x in v] for f, v in report["aliases"].items()})
     candidates = list(dict.fromkeys([*forget_names, *preserve_names, *(n for ns in hood.neighbours.values() for n, _ in ns), *hood.alias_names()]))
-    pool = full_vocabulary([*recipe.get("vocabulary", {}).get("extra", []), *preserve_names], exclude=forget_names)
+    known = recipe.get("vocabulary", {})
+    pool = full_vocabulary([*known.get("model", []), *known.get("extra", []), *preserve_names], exclude=forget_names)
     prompts = list(dict.fromkeys([*pool, *forget_names, *(t.format(c) for t in templates for c in candidates)]))
     space = _Space(dict(zip(prompts, text_features(loaded, prompts), strict=True)), proj.feature_form(W), projection_bias(loaded.model, proj))
     return measure(space, proj.feature_form(patched), forget_names, preserve_names, candidates, hood, templates, pool)

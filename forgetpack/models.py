@@ -44,6 +44,9 @@ class LoadedModel:
     tokenizer: Any
     model_id: str  # canonical spec, recorded in patches
     arch: str
+    # Class names the model was built for. They join the built-in vocabulary as candidates for
+    # automatic preserve sets: ImageNet's names know nothing of, say, mini's digits and letters.
+    vocabulary: tuple[str, ...] = ()
 
 
 def load_model(spec: str, device: str = "cpu") -> LoadedModel:
@@ -85,8 +88,10 @@ def _load_mini(device: str) -> LoadedModel:
         from forgetpack import mini
     except ModuleNotFoundError as exc:
         raise ForgetpackError("the embedded 'mini' model is not part of this install") from exc
+    from forgetpack.datasets import DIGIT_NAMES, LETTER_NAMES
+
     model, preprocess, tokenizer = mini.load_mini(device=device)
-    return LoadedModel(model.eval(), preprocess, tokenizer, "mini", getattr(mini, "MINI_ARCH", "mini"))
+    return LoadedModel(model.eval(), preprocess, tokenizer, "mini", mini.MINI_ARCH, (*DIGIT_NAMES, *LETTER_NAMES))
 
 
 def _load_random(arch: str, device: str) -> LoadedModel:

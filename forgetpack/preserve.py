@@ -59,16 +59,19 @@ def find_neighbourhood(
     explicit: Sequence[str] | None = None,
     n_neighbours: int = DEFAULT_NEIGHBOURS,
     threshold: float = ALIAS_THRESHOLD,
+    space: str = "features",
 ) -> Neighbourhood:
     """Neighbours, aliases and preserve set of ``forget`` among ``pool`` (which must not contain them).
 
     ``*_features`` are pre-projection features (bare template), ``*_embeddings`` the projected
-    ones, ``center`` the mean feature of the vocabulary. With ``explicit`` the preserve set is
+    ones, ``center`` the mean feature of the vocabulary. Nearness is measured on the centred
+    features (``space="features"``, the default) or on the projected embeddings
+    (``space="embeddings"``). With ``explicit`` the preserve set is
     that list minus its aliases; otherwise the ``k`` nearest non-alias pool names per forget name.
     """
     pool = list(pool)
-    sim = unit_rows(forget_embeddings) @ unit_rows(pool_embeddings).T  # [n_f, n_pool]
     closeness = unit_rows(forget_features - center) @ unit_rows(pool_features - center).T
+    sim = closeness if space == "features" else unit_rows(forget_embeddings) @ unit_rows(pool_embeddings).T
     alias_mask = closeness >= threshold
     aliases = {
         f: [(pool[j], round(float(closeness[i, j]), 4)) for j in np.argsort(-closeness[i]) if alias_mask[i, j]]
