@@ -38,11 +38,6 @@ _models: dict[str, LoadedModel] = {}
 def model(spec: str) -> LoadedModel:
     """One loaded model per spec for the whole module (patches are applied to copies of matrices)."""
     if spec not in _models:
-        if spec == "mini":
-            from forgetpack import mini
-
-            if not mini.WEIGHTS_PATH.is_file():
-                pytest.skip("mini weights not trained yet")
         _models[spec] = load_model(spec)
     return _models[spec]
 

@@ -148,3 +148,23 @@ def test_patched_path_end_to_end(loaded, tmp_path, capsys):
     assert data["forgetting"]["mnist"]["forget_acc"]["patched"] < 0.05
     assert {r["dataset"] for r in data["results"]} == {"mnist", "letters"}
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("forget", [["seven"], ["one", "four", "seven"]])
+def test_forget_then_eval_on_real_images(forget, tmp_path, capsys):
+    """The README's first command, through the CLI: the engine's default patch (no images)
+    takes the forgotten digits to ≤ 1% on both real digit sets while the other digits and the
+    letters stay within 1 pt of the base (the evaluation issue's acceptance bounds)."""
+    patch, report = tmp_path / "p.fpatch.safetensors", tmp_path / "r.json"
+    names = [arg for name in forget for arg in ("--forget", name)]
+    assert main(["forget", "mini", *names, "-o", str(patch)]) == 0
+    assert main(["eval", "mini", "--patch", str(patch), *names, "--dataset", "mnist", "--dataset", "digits",
+                 "--dataset", "letters", "--json", str(report)]) == 0  # fmt: skip
+    capsys.readouterr()
+    data = json.loads(report.read_text())["forgetting"]
+    for name in ("mnist", "digits"):
+        forget_acc, retain_acc = data[name]["forget_acc"], data[name]["retain_acc"]
+        assert forget_acc["base"] > 0.95 and forget_acc["patched"] <= 0.01, (name, forget_acc)
+        assert retain_acc["patched"] >= retain_acc["base"] - 0.01, (name, retain_acc)
+        letters = data[name]["other_datasets"]["letters"]
+        assert letters["patched"] >= letters["base"] - 0.01, (name, letters)

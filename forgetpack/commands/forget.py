@@ -75,7 +75,7 @@ def _solve_options(solver: str | None, target: str | None, target_norm: str | No
 
 
 _SOLVERS = click.Choice(["closed-form", "paper", "nullspace"])
-_TARGETS = click.Choice(["antipode", "empty"])
+_TARGETS = click.Choice(["antipode", "mirror", "empty"])
 _NORMS = click.Choice(["original", "unit"])
 
 
@@ -87,7 +87,7 @@ _NORMS = click.Choice(["original", "unit"])
 @click.option("--auto-preserve", type=int, help="Preserve the K nearest vocabulary names of each forget name (default 20).")
 @click.option("--vocabulary-file", type=click.Path(path_type=Path), help="Extra candidate names, one per line.")
 @click.option("--solver", type=_SOLVERS, help="closed-form (default), paper, or nullspace.")
-@click.option("--target", type=_TARGETS, help="Where forget prompts go: antipode (default) or empty (the paper's).")
+@click.option("--target", type=_TARGETS, help="Where forget prompts go: antipode (default), mirror, or empty (the paper's).")
 @click.option("--target-norm", type=_NORMS, help="Target norm: original (default) or unit (the paper's).")
 @click.option("--template", "templates", multiple=True, help="A prompt template with '{}' (repeatable; default: 5 common ones).")
 @click.option("--rank", type=int, help="Rank of the update (default: the solver's).")
