@@ -53,6 +53,7 @@ MOVED_MIN = 1e-4
 EMPTY_NOISE = 0.5  # the paper's re-draw noise for the empty-string target
 EMPTY_MAX_DRAWS = 1000
 RETAIN_GOAL = 0.98
+RANK_SLACK = 0.005  # vocabulary retention a smaller rank may give up against the full solve
 DEFAULT_BACKGROUND = 1.0  # weight of the whole-vocabulary preserve block, relative to the preserve set
 
 
@@ -189,16 +190,19 @@ def forget(
                                 target, target_norm, seed, current, rank, background)
         solution, layer, effect, current = solve_verified(space, the_solver, problem, proj, forget_names, preserve_names,
                                                           candidates, hood, templates, pool, verify, attempts)
-        timings["solve"] += time.perf_counter() - t0
         if round_ == rounds - 1:
+            if verify and rank is None and getattr(the_solver, "nested_ranks", False):
+                solution, layer, effect = smallest_rank(space, proj, solution, layer, effect, forget_names, preserve_names,
+                                                        candidates, hood, templates, pool)
+            timings["solve"] += time.perf_counter() - t0
             break
+        timings["solve"] += time.perf_counter() - t0
         # 4. adaptive preserve: the vocabulary names this update moved most join the preserve set
         moved = most_moved(space, _feature_factors(layer, proj.layout), pool, exclude={*preserve_names, *alias_set}, count=k)
         if not moved:
             break
         preserve_names += moved
         added += moved
-    timings["solve"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
 
     recipe = {
@@ -294,6 +298,27 @@ def solve_verified(space: _Space, the_solver: Any, problem: Problem, proj: Any, 
                 "try another --target, fewer templates, or forgetting its aliases too"
             )
         problem = problem.with_weights(stronger)
+
+
+def smallest_rank(space: _Space, proj: Any, solution: Solution, layer: Any, effect: dict[str, Any],
+                  forget_names: Sequence[str], preserve_names: Sequence[str], candidates: Sequence[str],
+                  hood: Neighbourhood, templates: Sequence[str], pool: Sequence[str]) -> tuple[Solution, Any, dict[str, Any]]:
+    """The fewest leading factors that do as well as all of them.
+
+    For a solver with ``nested_ranks`` the first ``r`` factor columns are themselves the exact
+    rank-``r`` optimum, so a smaller patch costs one text-space measurement per rank. A rank is
+    kept when forgetting still verifies, the worst-template retention is no lower and the
+    vocabulary retention at most ``RANK_SLACK`` lower than with every factor. Each rank of a
+    512-wide projection is 4 KB on disk: this is what keeps a one-class patch small.
+    """
+    for r in range(1, solution.rank):
+        trial = Solution(solution.up[:, :r], solution.down[:r], {**solution.info, "rank_of_optimum": solution.rank})
+        trial_layer = trial.layer(proj)
+        e = measure(space, _feature_factors(trial_layer, proj.layout), forget_names, preserve_names, candidates, hood, templates, pool)
+        if (e["all_forgotten"] and e["retained_min"] >= effect["retained_min"]
+                and e["vocabulary_retained"] >= effect["vocabulary_retained"] - RANK_SLACK):
+            return trial, trial_layer, e
+    return solution, layer, effect
 
 
 def most_moved(space: _Space, change: tuple[np.ndarray, np.ndarray], pool: Sequence[str], exclude: set[str], count: int) -> list[str]:

@@ -229,3 +229,22 @@ def test_measure_is_consistent_with_the_independent_check() -> None:
     _, retained = classify_check(vit, result, result.report["recipe"]["templates"])
     assert retained == pytest.approx(result.report["effect"]["retained"], abs=1e-3)
     assert callable(measure)
+
+
+def test_default_one_class_patch_on_a_512_projection_is_under_16kb(tmp_path) -> None:
+    """The patch-format issue's size bar, met by the default solver itself: the closed form
+    keeps only the leading factors that verify as well as all of them."""
+    vit = model("ViT-B-32:none")
+    result = forget(vit, ["tabby cat"])
+    path = result.patch.save(tmp_path / "cat.fpatch.safetensors")
+    assert path.stat().st_size < 16 * 1024, path.stat().st_size
+    full = forget(vit, ["tabby cat"], rank=5)  # an explicit rank is honoured, not shrunk
+    assert result.patch.layers[0].rank < full.patch.layers[0].rank == 5
+    assert result.report["effect"]["all_forgotten"] and result.report["effect"]["retained_min"] >= full.report["effect"]["retained_min"]
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~_umask()  # mkstemp's 0600 is not kept
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -17,6 +17,9 @@ measured anyway, unverified, so that baselines such as ``nullspace`` still get n
     python tools/eval_digits.py                          # all solvers, markdown table
     python tools/eval_digits.py --solver closed-form --json /tmp/sweep.json
 
+It ends with stacked versus composed two-digit patches (look-alike pairs such as one + seven):
+stacking adds two deltas solved alone, composing re-solves both requests together.
+
 Image features are cached (``FORGETPACK_CACHE``), so only the first patch pays for encoding.
 """
 
@@ -31,31 +34,24 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from forgetpack.datasets import DIGIT_NAMES  # noqa: E402
-from forgetpack.engine import DEFAULT_SOLVER, forget  # noqa: E402
+from forgetpack.engine import DEFAULT_SOLVER, compose, forget  # noqa: E402
 from forgetpack.errors import ForgetpackError  # noqa: E402
 from forgetpack.evaluate import evaluate  # noqa: E402
 from forgetpack.models import load_model  # noqa: E402
+from forgetpack.patch import stack  # noqa: E402
 from forgetpack.solvers import SOLVERS  # noqa: E402
 
 SETS = ("mnist", "digits", "letters")
 MULTI = ("one", "four", "seven")
+PAIRS = [("one", "seven"), ("three", "eight"), ("four", "nine")]  # look-alike digits: requests that interact
 FORGET_BOUND = 0.01  # forgotten digit's accuracy after the patch
 KEEP_BOUND = 0.01  # largest drop allowed on the other digits and on letters
 
 
-def run(loaded, names: list[str], solver: str, target: str | None) -> dict:
-    started = time.perf_counter()
-    kwargs = {"target": target} if target else {}
-    verified = True
-    try:
-        result = forget(loaded, names, solver=solver, **kwargs)
-    except ForgetpackError:  # not verified in text space: measure the raw solve on images anyway
-        verified = False
-        result = forget(loaded, names, solver=solver, verify=False, **kwargs)
-    solve_s = time.perf_counter() - started
-    report = evaluate(loaded, patches=[result.patch], forget=names, datasets=list(SETS))
-    row: dict = {"forget": names, "solver": solver, "target": result.patch.recipe["target"], "seconds": round(solve_s, 2),
-                 "verified": verified}
+def measure(loaded, patch, names: list[str]) -> dict:
+    """Forget/others/letters accuracy (base, patched) and S of one patch on the three held-out sets."""
+    report = evaluate(loaded, patches=[patch], forget=names, datasets=list(SETS))
+    row: dict = {}
     worst_drop = 0.0
     for name in ("mnist", "digits"):
         score = report.scores[name]
@@ -68,6 +64,36 @@ def run(loaded, names: list[str], solver: str, target: str | None) -> dict:
     row["worst_forget"], row["worst_drop"] = worst_forget, worst_drop
     row["ok"] = worst_forget <= FORGET_BOUND and worst_drop <= KEEP_BOUND
     return row
+
+
+def run(loaded, names: list[str], solver: str, target: str | None) -> dict:
+    started = time.perf_counter()
+    kwargs = {"target": target} if target else {}
+    verified = True
+    try:
+        result = forget(loaded, names, solver=solver, **kwargs)
+    except ForgetpackError:  # not verified in text space: measure the raw solve on images anyway
+        verified = False
+        result = forget(loaded, names, solver=solver, verify=False, **kwargs)
+    solve_s = time.perf_counter() - started
+    return {"forget": names, "solver": solver, "target": result.patch.recipe["target"], "seconds": round(solve_s, 2),
+            "verified": verified, **measure(loaded, result.patch, names)}
+
+
+def stacked_vs_composed(loaded, pairs: list[tuple[str, str]]) -> list[dict]:
+    """Two one-digit patches (default solver), stacked (deltas added) and composed (re-solved jointly)."""
+    print("\n| forget | patch | MNIST forget | MNIST others | UCI forget | UCI others | letters | S mnist | S UCI | within bounds |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    rows = []
+    for a, b in pairs:
+        first, second = forget(loaded, [a]).patch, forget(loaded, [b]).patch
+        for kind, patch in (("stacked", stack([first, second])), ("composed", compose(loaded, [first, second]).patch)):
+            row = {"forget": [a, b], "patch": kind, **measure(loaded, patch, [a, b])}
+            rows.append(row)
+            m, d = row["mnist"], row["digits"]
+            print(f"| {a} + {b} | {kind} | {pct(m['forget'])} | {pct(m['others'])} | {pct(d['forget'])} | {pct(d['others'])} | "
+                  f"{pct(row['letters'])} | {m['S']:.4f} | {d['S']:.4f} | {'yes' if row['ok'] else 'NO'} |", flush=True)
+    return rows
 
 
 def pct(pair: tuple[float, float] | list[float]) -> str:
@@ -87,6 +113,7 @@ def main() -> None:
     parser.add_argument("--solver", action="append", choices=sorted(SOLVERS), help="repeatable; default: all")
     parser.add_argument("--target", help="forget target (default: the engine's)")
     parser.add_argument("--digits", nargs="*", default=list(DIGIT_NAMES), help="single-digit runs (default: all ten)")
+    parser.add_argument("--no-pairs", action="store_true", help="skip stacked vs composed two-digit patches")
     parser.add_argument("--json", type=Path, help="write every row here")
     args = parser.parse_args()
     solvers = args.solver or [DEFAULT_SOLVER, *sorted(s for s in SOLVERS if s != DEFAULT_SOLVER)]
@@ -107,8 +134,9 @@ def main() -> None:
         print(f"| {solver} | {sum(r['ok'] for r in mine)}/{len(mine)} ({unverified} not verified in text space) | "
               f"{max(r['worst_forget'] for r in mine):.1%} | {100 * max(r['worst_drop'] for r in mine):.1f} | "
               f"{sum(r['mnist']['S'] for r in mine) / len(mine):.4f} | {sum(r['digits']['S'] for r in mine) / len(mine):.4f} |")
+    pairs = [] if args.no_pairs else stacked_vs_composed(loaded, PAIRS)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps({"runs": rows, "stacked_vs_composed": pairs}, indent=2))
 
 
 if __name__ == "__main__":
