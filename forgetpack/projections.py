@@ -63,22 +63,21 @@ def _parameter_names(model: Any) -> set[str]:
 
 def _openai_text(model: Any) -> Projection:
     """open_clip ``CLIP``: the text tower is flattened onto the model (``model.text_projection``)."""
-    proj = model.text_projection
-    if proj is None:
-        raise ForgetpackError("this model's text tower has no projection (text_projection is None): nothing to patch")
-    if _cls(proj) == "Linear":
-        return Projection("text_projection.weight", "out_in", "openai-text", "text_projection.bias" if proj.bias is not None else None)
-    return Projection("text_projection", "in_out", "openai-text")
+    return _text_projection(model.text_projection, "text_projection", "openai-text")
 
 
 def _text_transformer(model: Any) -> Projection:
     """``CustomTextCLIP``/``CoCa`` with open_clip's own ``TextTransformer`` as ``model.text``."""
-    proj = model.text.text_projection
+    return _text_projection(model.text.text_projection, "text.text_projection", "text-transformer")
+
+
+def _text_projection(proj: Any, name: str, kind: str) -> Projection:
+    """A ``text_projection`` that is a bare parameter (``x @ P``) or an ``nn.Linear``."""
     if proj is None:
         raise ForgetpackError("this model's text tower has no projection (text_projection is None): nothing to patch")
     if _cls(proj) == "Linear":
-        return Projection("text.text_projection.weight", "out_in", "text-transformer", "text.text_projection.bias" if proj.bias is not None else None)
-    return Projection("text.text_projection", "in_out", "text-transformer")
+        return Projection(f"{name}.weight", "out_in", kind, f"{name}.bias" if proj.bias is not None else None)
+    return Projection(name, "in_out", kind)
 
 
 def _hf_text(model: Any) -> Projection:

@@ -21,17 +21,6 @@ from forgetpack.torch_patch import apply_patches
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    old = os.environ.get("FORGETPACK_CACHE")
-    os.environ["FORGETPACK_CACHE"] = str(tmp_path_factory.getbasetemp() / "forgetpack-cache")
-    yield
-    if old is None:
-        os.environ.pop("FORGETPACK_CACHE", None)
-    else:
-        os.environ["FORGETPACK_CACHE"] = old
-
-
 _models: dict[str, LoadedModel] = {}
 
 

@@ -15,17 +15,6 @@ from forgetpack.patch import read_patch
 MODEL = "ViT-B-32:none"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    old = os.environ.get("FORGETPACK_CACHE")
-    os.environ["FORGETPACK_CACHE"] = str(tmp_path_factory.getbasetemp() / "forgetpack-cache")
-    yield
-    if old is None:
-        os.environ.pop("FORGETPACK_CACHE", None)
-    else:
-        os.environ["FORGETPACK_CACHE"] = old
-
-
 def run(args: list[str], capsys) -> tuple[int, str, str]:
     code = main(args)
     out, err = capsys.readouterr()
