@@ -35,7 +35,7 @@ def test_forget_writes_a_patch_and_prints_a_table(tmp_path, capsys) -> None:
 def test_forget_json_and_compose(tmp_path, capsys) -> None:
     a, b, c = (tmp_path / f"{n}.fpatch.safetensors" for n in "abc")
     common = ["--template", "{}", "--template", "a photo of a {}.", "--json"]
-    code, out, err = run(["forget", MODEL, "--forget", "goldfish", "--preserve", "tench", "--preserve", "volcano",
+    code, out, err = run(["forget", MODEL, "--forget", "goldfish", "--preserve", "tench,volcano",  # comma form too
                           "--preserve", "pizza", "--rank", "2", "-o", str(a), *common], capsys)
     assert code == 0, err
     report = json.loads(out)
@@ -57,6 +57,8 @@ def test_forget_json_and_compose(tmp_path, capsys) -> None:
 
 @pytest.mark.parametrize("args,message", [
     (["--forget", ""], "empty forget name"),
+    (["--forget", "cat,,dog"], "empty forget name"),
+    (["--forget", "cat,cat"], "duplicate forget name"),
     (["--forget", "cat", "--forget", "cat"], "duplicate forget name"),
     (["--forget", "cat", "--preserve", "cat"], "both a forget name and a preserve name"),
     (["--forget", "cat", "--rank", "0"], "--rank must be a positive integer"),

@@ -11,3 +11,9 @@ def console() -> Any:
     from rich.console import Console
 
     return Console(markup=False, highlight=False)
+
+
+def split_names(values: tuple[str, ...] | list[str]) -> list[str]:
+    """``--forget seven --forget three`` and ``--forget seven,three`` mean the same, in every
+    command. Empty parts are kept, so that the name checks can reject them by name."""
+    return [part.strip() for value in values for part in value.split(",")]

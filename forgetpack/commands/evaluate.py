@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from forgetpack.commands import split_names
 from forgetpack.errors import ForgetpackError
 
 OUT = click.Path(dir_okay=False, path_type=Path)
@@ -24,11 +25,6 @@ def _check_output(path: Path | None, what: str) -> None:
         raise ForgetpackError(f"{path} is a directory; give a file name for the {what}")
     if not path.resolve().parent.is_dir():
         raise ForgetpackError(f"{path}: output directory {path.resolve().parent} does not exist")
-
-
-def _split(values: tuple[str, ...]) -> list[str]:
-    """``--forget seven --forget three`` and ``--forget seven,three`` both work."""
-    return [part.strip() for v in values for part in v.split(",") if part.strip()]
 
 
 @click.command("eval")
@@ -72,7 +68,7 @@ def evaluate(
         report = harness.evaluate(
             model,
             patches=list(patches),
-            forget=_split(forget),
+            forget=[n for n in split_names(forget) if n],
             datasets=list(datasets) or list(BUILTIN),
             templates=list(templates) or None,
             device=device,

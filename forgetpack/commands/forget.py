@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from forgetpack.commands import split_names
 from forgetpack.errors import ForgetpackError
 
 OUT = click.Path(path_type=Path)  # checked by _check_output: one clear line, not a usage error
@@ -81,8 +82,8 @@ _NORMS = click.Choice(["original", "unit"])
 
 @click.command()
 @click.argument("model")
-@click.option("--forget", "forget_names", multiple=True, required=True, help="A class name to forget (repeatable).")
-@click.option("--preserve", "preserve", multiple=True, help="A class name to preserve (repeatable).")
+@click.option("--forget", "forget_names", multiple=True, required=True, help="A class name to forget (repeatable or comma-separated).")
+@click.option("--preserve", "preserve", multiple=True, help="A class name to preserve (repeatable or comma-separated).")
 @click.option("--preserve-file", type=click.Path(path_type=Path), help="UTF-8 file of names to preserve, one per line.")
 @click.option("--auto-preserve", type=int, help="Preserve the K nearest vocabulary names of each forget name (default 20).")
 @click.option("--vocabulary-file", type=click.Path(path_type=Path), help="Extra candidate names, one per line.")
@@ -109,8 +110,8 @@ def forget(model: str, forget_names: tuple[str, ...], preserve: tuple[str, ...],
         raise ForgetpackError(f"--rank must be a positive integer, got {rank}")
     if auto_preserve is not None and auto_preserve < 0:
         raise ForgetpackError(f"--auto-preserve must be ≥ 0, got {auto_preserve}")
-    names = clean_names(forget_names, "forget")
-    explicit = list(preserve) if preserve else read_names_file(preserve_file) if preserve_file is not None else None
+    names = clean_names(split_names(forget_names), "forget")
+    explicit = split_names(preserve) if preserve else read_names_file(preserve_file) if preserve_file is not None else None
     extra = read_names_file(vocabulary_file, "vocabulary") if vocabulary_file is not None else []
     if explicit is not None:
         from forgetpack.vocabulary import check_disjoint
