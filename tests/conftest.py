@@ -12,3 +12,11 @@ def feature_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FORGETPACK_CACHE", str(tmp_path_factory.mktemp("forgetpack-cache")))
         yield
+
+
+@pytest.fixture(scope="module")
+def onnx_model(export_dir):
+    """The onnxruntime model of the module's own ``export_dir`` (mini or ViT-B-32), 2 threads."""
+    import runtime
+
+    return runtime.load(export_dir, threads=2)

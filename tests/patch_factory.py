@@ -1,8 +1,9 @@
-"""Small synthetic bases and patches for the patch-format tests (numpy only, no torch)."""
+"""Small synthetic bases and patches for the tests (numpy only, no torch)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,3 +42,20 @@ def make_patch(base: dict[str, np.ndarray], seed: int, targets=("text_projection
         recipe={"forget": [f"class{seed}"], "preserve": ["a", "b"], "solver": "test"},
         effect={"note": "synthetic"},
     )
+
+
+def forget_patch(model: Any, label: str, template: str, model_id: str) -> Patch:
+    """A rank-1 patch sending ``template(label)`` to the opposite of its embedding (an "antipode" forget).
+
+    Built from the export's own ``features`` output, so it needs no solver and no torch.
+    """
+    backend = model.backend
+    target = backend.manifest.towers["text"].projection
+    info = backend.targets[target]
+    w = backend.matrices[target]
+    x = backend.text_features([template.replace("{}", label)])[0].astype(np.float64)
+    y = x @ (w if info.layout == "in_out" else w.T)
+    u, v = x / (x @ x), -2.0 * y
+    layer = Layer.lowrank(target, u[:, None], v[None, :]) if info.layout == "in_out" else Layer.lowrank(target, v[:, None], u[None, :])
+    return Patch.create(model_id, {target: w}, [layer], layouts={target: info.layout},
+                        recipe={"forget": [label], "templates": [template], "solver": "test-antipode"})

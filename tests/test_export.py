@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 import pytest
+from patch_factory import forget_patch
 
 import runtime
 from forgetpack.errors import ForgetpackError, PatchError
@@ -22,23 +23,6 @@ pytestmark = pytest.mark.slow
 SPEC = "ViT-B-32:none"
 PER_SET = 10  # held-out images per evaluation set in the tests
 TOLERANCE = 1e-4  # max abs difference of normalised embeddings, ONNX vs torch
-
-
-def forget_patch(model: runtime.Model, label: str, template: str, model_id: str) -> Patch:
-    """A rank-1 patch sending ``template(label)`` to the opposite of its embedding (an "antipode" forget).
-
-    Built from the export's own ``features`` output, so it needs no solver and no torch.
-    """
-    backend = model.backend
-    target = backend.manifest.towers["text"].projection
-    info = backend.targets[target]
-    w = backend.matrices[target]
-    x = backend.text_features([template.replace("{}", label)])[0].astype(np.float64)
-    y = x @ (w if info.layout == "in_out" else w.T)
-    u, v = x / (x @ x), -2.0 * y
-    layer = Layer.lowrank(target, u[:, None], v[None, :]) if info.layout == "in_out" else Layer.lowrank(target, v[:, None], u[None, :])
-    return Patch.create(model_id, {target: w}, [layer], layouts={target: info.layout},
-                        recipe={"forget": [label], "templates": [template], "solver": "test-antipode"})
 
 
 def predictions(model: runtime.Model, images, classnames, templates) -> np.ndarray:
@@ -59,11 +43,6 @@ def export_dir(tmp_path_factory, loaded):
     out = tmp_path_factory.mktemp("vit") / "export"
     export_loaded(loaded, out)
     return out
-
-
-@pytest.fixture(scope="module")
-def onnx_model(export_dir):
-    return runtime.load(export_dir, threads=2)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from patch_factory import forget_patch
 from PIL import Image
 
 import runtime
@@ -41,20 +42,6 @@ def cached_export(tmp_path_factory, name: str, spec: str = "mini", **kwargs) -> 
     return out
 
 
-def forget_patch(model: runtime.Model, label: str, template: str, model_id: str = "mini") -> Patch:
-    """A rank-1 "antipode" patch of the text projection, built from the export's own features (no solver)."""
-    backend = model.backend
-    target = backend.manifest.towers["text"].projection
-    info = backend.targets[target]
-    w = backend.matrices[target]
-    x = backend.text_features([template.replace("{}", label)])[0].astype(np.float64)
-    y = x @ (w if info.layout == "in_out" else w.T)
-    u, v = x / (x @ x), -2.0 * y
-    layer = Layer.lowrank(target, u[:, None], v[None, :]) if info.layout == "in_out" else Layer.lowrank(target, v[:, None], u[None, :])
-    return Patch.create(model_id, {target: w}, [layer], layouts={target: info.layout},
-                        recipe={"forget": [label], "templates": [template], "solver": "test-antipode"})
-
-
 @pytest.fixture(scope="module")
 def mini_loaded():
     from forgetpack.models import load_model
@@ -65,11 +52,6 @@ def mini_loaded():
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
     return cached_export(tmp_path_factory, "mini")
-
-
-@pytest.fixture(scope="module")
-def onnx_model(export_dir):
-    return runtime.load(export_dir, threads=2)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +91,7 @@ def test_mini_hot_swap_equals_baked_equals_torch(tmp_path_factory, onnx_model, t
     is_seven = np.asarray(data.labels) == seven
     images = [im for im, s in zip(data.images, is_seven, strict=True) if s][:40] + data.images[:60]
     base_pred = [p.index for p in onnx_model.classify(images, data.classnames, templates)]
-    patch = forget_patch(onnx_model, "seven", templates[0])
+    patch = forget_patch(onnx_model, "seven", templates[0], "mini")
     baked = runtime.load(cached_export(tmp_path_factory, "mini-baked", patches=[patch]), threads=2)
 
     onnx_model.apply_patch(patch)
@@ -149,7 +131,7 @@ def test_int8_mini_accuracy_close_to_fp32(tmp_path_factory, export_dir, onnx_mod
 def test_remove_patch_is_exact_and_parents_are_enforced(onnx_model, heldout):
     data, templates = heldout["digits"]
     before = onnx_model.classifier(data.classnames, templates)
-    first = forget_patch(onnx_model, "three", templates[0])
+    first = forget_patch(onnx_model, "three", templates[0], "mini")
     target = next(iter(first.targets))
     base = {target: onnx_model.backend.matrices[target]}
     onnx_model.apply_patch(first)
@@ -178,7 +160,7 @@ def test_trusted_keys(tmp_path, export_dir, onnx_model, heldout):
 
     generate_keypair(tmp_path / "a", tmp_path / "a.pub")
     generate_keypair(tmp_path / "b", tmp_path / "b.pub")
-    patch = forget_patch(onnx_model, "four", heldout["mnist"][1][0])
+    patch = forget_patch(onnx_model, "four", heldout["mnist"][1][0], "mini")
     guarded = runtime.load(export_dir, trusted_keys=[tmp_path / "a.pub"])
     with pytest.raises(SignatureError, match="not signed"):
         guarded.apply_patch(patch)
@@ -343,7 +325,7 @@ def test_onnx_path_runs_without_torch(tmp_path, export_dir, onnx_model, heldout)
     image = tmp_path / "seven.png"
     sevens[predicted.index("seven") if "seven" in predicted else 0].save(image)
     expected = onnx_model.classify([image], data.classnames, templates)[0].label
-    patch = forget_patch(onnx_model, "seven", templates[0]).save(tmp_path / "forget-seven.fpatch.safetensors")
+    patch = forget_patch(onnx_model, "seven", templates[0], "mini").save(tmp_path / "forget-seven.fpatch.safetensors")
     done = subprocess.run([sys.executable, "-c", NO_TORCH, str(export_dir), str(image), str(patch)],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
