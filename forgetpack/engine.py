@@ -163,8 +163,7 @@ def forget(
     timings["encode_vocabulary"] = time.perf_counter() - t0
     center = space.X(pool).mean(axis=0)
     hood = find_neighbourhood(
-        forget_names, space.X(forget_names), space.embed(forget_names),
-        pool, space.X(pool), space.embed(pool), center,
+        forget_names, space.X(forget_names), pool, space.X(pool), center,
         k=k, explicit=explicit, n_neighbours=max(neighbours, k if explicit is None else 0),
     )  # fmt: skip
     preserve_names = list(hood.preserve)
@@ -190,19 +189,21 @@ def forget(
                                 target, target_norm, seed, current, rank, background)
         solution, layer, effect, current = solve_verified(space, the_solver, problem, proj, forget_names, preserve_names,
                                                           candidates, hood, templates, pool, verify, attempts)
-        if round_ == rounds - 1:
-            if verify and rank is None and getattr(the_solver, "nested_ranks", False):
-                solution, layer, effect = smallest_rank(space, proj, solution, layer, effect, forget_names, preserve_names,
-                                                        candidates, hood, templates, pool)
-            timings["solve"] += time.perf_counter() - t0
-            break
         timings["solve"] += time.perf_counter() - t0
         # 4. adaptive preserve: the vocabulary names this update moved most join the preserve set
-        moved = most_moved(space, _feature_factors(layer, proj.layout), pool, exclude={*preserve_names, *alias_set}, count=k)
+        last = round_ == rounds - 1
+        moved = [] if last else most_moved(space, _feature_factors(layer, proj.layout), pool, exclude={*preserve_names, *alias_set}, count=k)
         if not moved:
             break
         preserve_names += moved
         added += moved
+
+    # 5. the fewest factors that do as well as all of them (a smaller patch)
+    if verify and rank is None and getattr(the_solver, "nested_ranks", False):
+        t0 = time.perf_counter()
+        solution, layer, effect = smallest_rank(space, proj, solution, layer, effect, forget_names, preserve_names,
+                                                candidates, hood, templates, pool)
+        timings["solve"] += time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
 
     recipe = {

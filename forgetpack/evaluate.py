@@ -504,10 +504,11 @@ def render_table(report: EvalReport, console: Any = None, per_class: bool | None
     ``per_class=None`` shows per-class rows for datasets of up to 20 classes and only the
     forgotten classes for larger ones.
     """
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console(markup=False, highlight=False)  # user names print verbatim
+    from forgetpack.terminal import console as verbatim_console
+
+    console = console or verbatim_console()
     has_patch = report.patched is not None
     after = report.patched or {}
     title = f"{report.model}"

@@ -2,15 +2,13 @@
 
 Forgetting changes a shared projection, so it disturbs most what lies nearest the forgotten
 class. The automatic preserve set therefore holds, for each forget name, its ``k`` nearest
-vocabulary names in the model's own text space (cosine of the projected, normalised bare-name
-embeddings: what a zero-shot classifier compares).
+vocabulary names in the model's own text space, measured where the solver works: the cosine of
+the pre-projection bare-name features after subtracting the vocabulary's mean feature (random-init
+and real towers alike put every prompt in one narrow cone; centring removes that shared part).
 
 An *alias* is a name so close to a forget name that preserving it would undo the forgetting
 ("7" for "seven"): the solver would have to keep one point fixed while moving an almost
-identical one away. Closeness is measured where the solver works, on the pre-projection
-features, after subtracting the vocabulary's mean feature (random-init and real towers alike
-put every prompt in one narrow cone; centring removes that shared part). A cosine of at least
-``ALIAS_THRESHOLD`` there marks an alias. Measured: on MiniLM (``mini``) "seven" vs "7" 0.91,
+identical one away. A centred cosine of at least ``ALIAS_THRESHOLD`` marks an alias. Measured: on MiniLM (``mini``) "seven" vs "7" 0.91,
 "seven." 0.89, "sevens" 0.86, but "six" 0.75 and "the number seven" 0.77; among the 1,000
 ImageNet names of a random-init ViT-B-32 or RN50 no two distinct names exceed 0.66 at the
 99.99th percentile. Aliases are reported and never preserved; the user may forget them too.
@@ -49,29 +47,23 @@ def unit_rows(a: np.ndarray) -> np.ndarray:
 def find_neighbourhood(
     forget: Sequence[str],
     forget_features: np.ndarray,
-    forget_embeddings: np.ndarray,
     pool: Sequence[str],
     pool_features: np.ndarray,
-    pool_embeddings: np.ndarray,
     center: np.ndarray,
     *,
     k: int | None = DEFAULT_AUTO_K,
     explicit: Sequence[str] | None = None,
     n_neighbours: int = DEFAULT_NEIGHBOURS,
     threshold: float = ALIAS_THRESHOLD,
-    space: str = "features",
 ) -> Neighbourhood:
     """Neighbours, aliases and preserve set of ``forget`` among ``pool`` (which must not contain them).
 
-    ``*_features`` are pre-projection features (bare template), ``*_embeddings`` the projected
-    ones, ``center`` the mean feature of the vocabulary. Nearness is measured on the centred
-    features (``space="features"``, the default) or on the projected embeddings
-    (``space="embeddings"``). With ``explicit`` the preserve set is
-    that list minus its aliases; otherwise the ``k`` nearest non-alias pool names per forget name.
+    ``*_features`` are pre-projection features (bare template), ``center`` the mean feature of
+    the vocabulary; nearness is the cosine of centred features. With ``explicit`` the preserve set
+    is that list minus its aliases; otherwise the ``k`` nearest non-alias pool names per forget name.
     """
     pool = list(pool)
-    closeness = unit_rows(forget_features - center) @ unit_rows(pool_features - center).T
-    sim = closeness if space == "features" else unit_rows(forget_embeddings) @ unit_rows(pool_embeddings).T
+    sim = closeness = unit_rows(forget_features - center) @ unit_rows(pool_features - center).T
     alias_mask = closeness >= threshold
     aliases = {
         f: [(pool[j], round(float(closeness[i, j]), 4)) for j in np.argsort(-closeness[i]) if alias_mask[i, j]]

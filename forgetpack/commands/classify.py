@@ -60,7 +60,7 @@ def classify(source: str, images: tuple[str, ...], labels_text: str, templates: 
         return
     from rich.table import Table
 
-    from forgetpack.commands import console
+    from forgetpack.terminal import console
 
     title = f"{model.model_id} via {model.backend.name}" + (f", {len(model.patches)} patch(es)" if model.patches else "")
     table = Table(title=title, title_justify="left")

@@ -36,7 +36,7 @@ def _print_result(result: Any, output: Path, as_json: bool) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from forgetpack.commands import console as make_console
+    from forgetpack.terminal import console as make_console
 
     recipe, effect = report["recipe"], report["effect"]
     bare = recipe["templates"][0]

@@ -25,7 +25,7 @@ def _print_json(data: object) -> None:
 def _table(title: str, rows: list[tuple[str, str]]) -> None:
     from rich.table import Table
 
-    from forgetpack.commands import console
+    from forgetpack.terminal import console
 
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
