@@ -23,14 +23,17 @@ from typing import Any
 
 import numpy as np
 
-from forgetpack.errors import ForgetpackError, PatchError
-from forgetpack.patch import Patch, read_patch
-from runtime.backends import Backend, backend_class, check_patch, discover
+from forgetpack.format.errors import ForgetpackError, PatchError
+from forgetpack.format.fit import check_fit
+from forgetpack.format.names import CLASSIFY_TEMPLATES, check_labels, check_templates
+from forgetpack.format.patch import Patch, read_patch
+from forgetpack.format.signing import load_public_keys, require_signed
+from runtime.backends import Backend, backend_class, discover
 from runtime.preprocess import ImageInput, load_image
 
 __all__ = ["Model", "Prediction", "load", "available_backends", "DEFAULT_TEMPLATES"]
 
-DEFAULT_TEMPLATES = ("a photo of a {}.",)
+DEFAULT_TEMPLATES = CLASSIFY_TEMPLATES
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ class Model:
     def __init__(self, backend: Backend, trusted_keys: Sequence[Any] | None = None):
         self.backend = backend
         self._patches: list[Patch] = []
-        self._keys = _load_keys(trusted_keys) if trusted_keys else None
+        self._keys = load_public_keys(trusted_keys)
 
     @property
     def model_id(self) -> str:
@@ -100,8 +103,8 @@ class Model:
 
     def classifier(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
         """Zero-shot class weights ``[d, n_labels]``: each label's template embeddings averaged, as open_clip does."""
-        labels = _check_labels(labels)
-        templates = _check_templates(templates)
+        labels = check_labels(labels)
+        templates = check_templates(templates)
         texts = [t.replace("{}", label) for label in labels for t in templates]
         emb = self.encode_text(texts).reshape(len(labels), len(templates), -1).mean(axis=1)
         return _normalise(emb).T
@@ -110,7 +113,7 @@ class Model:
         self, images: ImageInput | Sequence[ImageInput], labels: Sequence[str], templates: Sequence[str] | None = None
     ) -> list[Prediction]:
         """Zero-shot classification of ``images`` over ``labels``."""
-        labels = _check_labels(labels)
+        labels = check_labels(labels)
         weights = self.classifier(labels, templates)
         similarity = self.encode_image(images) @ weights
         logits = self.backend.logit_scale * similarity
@@ -136,13 +139,9 @@ class Model:
     def apply_patch(self, patch: Patch | str | os.PathLike[str]) -> Patch:
         """Apply a patch on top of the current ones, after verifying it fits this model's base."""
         patch = patch if isinstance(patch, Patch) else read_patch(patch)
-        if self._keys is not None:
-            from forgetpack.signing import verify_signature
-
-            verify_signature(patch, self._keys)
-        if any(p.digest == patch.digest for p in self._patches):
-            raise PatchError(f"{patch.source or patch.digest[:23]}: is already applied")
-        check_patch(patch, self.backend.targets, self.backend.baked)
+        require_signed([patch], self._keys)
+        applied = [*self.backend.baked, *(p.digest for p in self._patches)]
+        check_fit(patch, self.backend.targets, model=self.model_id, applied=applied)
         self.backend.set_patches([*self._patches, patch])
         self._patches.append(patch)
         return patch
@@ -178,39 +177,9 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norm, np.float32(1e-12))
 
 
-def _check_labels(labels: Sequence[str]) -> list[str]:
-    if isinstance(labels, str):
-        labels = [labels]
-    labels = [str(label).strip() for label in labels]
-    if not labels or not any(labels):
-        raise ForgetpackError("no labels given: classification needs at least one label")
-    if any(not label for label in labels):
-        raise ForgetpackError("empty label in the label list")
-    duplicates = sorted({label for label in labels if labels.count(label) > 1})
-    if duplicates:
-        raise ForgetpackError(f"duplicate label(s): {', '.join(duplicates)}")
-    return labels
-
-
-def _check_templates(templates: Sequence[str] | None) -> list[str]:
-    templates = list(DEFAULT_TEMPLATES if templates is None else ([templates] if isinstance(templates, str) else templates))
-    if not templates:
-        raise ForgetpackError("no templates given")
-    for t in templates:
-        if "{}" not in t:
-            raise ForgetpackError(f"template {t!r} has no '{{}}' where the label goes")
-    return templates
-
-
 def _digest_of(patch: Patch | str | os.PathLike[str]) -> str:
     if isinstance(patch, Patch):
         return patch.digest
     if isinstance(patch, str) and patch.startswith("sha256:") and not Path(patch).exists():
         return patch
     return read_patch(patch).digest
-
-
-def _load_keys(keys: Sequence[Any]) -> list[Any]:
-    from forgetpack.signing import load_public_key
-
-    return [load_public_key(k) if isinstance(k, (str, os.PathLike)) else k for k in keys]

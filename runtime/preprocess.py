@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from forgetpack.errors import ForgetpackError
+from forgetpack.format.errors import ForgetpackError
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 

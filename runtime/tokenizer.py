@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from forgetpack.errors import ForgetpackError
+from forgetpack.format.errors import ForgetpackError
 
 CLIP_PATTERN = r"""(?i)<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _PUNCTUATION = str.maketrans("", "", string.punctuation)

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from forgetpack.fileio import RawTensor, save_safetensors
-from forgetpack.patch import Layer, Patch
+from forgetpack.format.fileio import RawTensor, save_safetensors
+from forgetpack.format.patch import Layer, Patch
 
 SHAPES = {"text_projection": (24, 16), "visual.proj": (32, 16)}
 

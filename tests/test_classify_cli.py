@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from forgetpack.cli import main
-from forgetpack.patch import Layer, Patch
+from forgetpack.format.patch import Layer, Patch
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def export_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """Two held-out MNIST digits as PNG files, plus their true names."""
-    from forgetpack.datasets import load_dataset
+    from forgetpack.evaluation.datasets import load_dataset
 
     data = load_dataset("mnist")
     root = tmp_path_factory.mktemp("images")

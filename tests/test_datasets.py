@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from forgetpack import datasets as fd
-from forgetpack.datasets import LabeledImages, image_hash, load_dataset
-from forgetpack.errors import ForgetpackError
+from forgetpack.evaluation import datasets as fd
+from forgetpack.evaluation.datasets import LabeledImages, image_hash, load_dataset
+from forgetpack.format.errors import ForgetpackError
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 
-from forgetpack import features
-from forgetpack.engine import compose, forget, measure
-from forgetpack.errors import ForgetpackError, PatchError
-from forgetpack.models import LoadedModel, load_model
-from forgetpack.patch import read_patch, stack
-from forgetpack.projections import find_projection, projection_bias, projection_matrix
-from forgetpack.solvers import Weights
-from forgetpack.torch_patch import apply_patches
+from forgetpack.engine import features
+from forgetpack.engine.models import LoadedModel, load_model
+from forgetpack.engine.projections import find_projection, projection_bias, projection_matrix
+from forgetpack.engine.solve import compose, forget, measure
+from forgetpack.engine.solvers import Weights
+from forgetpack.engine.torch_patch import apply_patches
+from forgetpack.format.errors import ForgetpackError, PatchError
+from forgetpack.format.patch import read_patch, stack
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -95,7 +95,7 @@ def test_acceptance(spec: str, names: list[str], extra) -> None:
     assert set(patch.effect["forget"]) == set(names)
     assert all(e["outranked"] for e in patch.effect["forget"].values())
     proj = find_projection(loaded.model, "text")
-    from forgetpack.patch import fingerprint
+    from forgetpack.format.patch import fingerprint
 
     assert patch.base[proj.target] == fingerprint(projection_matrix(loaded.model, proj))
 
@@ -128,7 +128,7 @@ def test_recipe_records_everything_needed_to_solve_again() -> None:
 def test_empty_target_redraws_away_from_forget_classes() -> None:
     vit = model("ViT-B-32:none")
     # forget the name nearest to the empty string: the paper's re-draw rule must kick in
-    from forgetpack.vocabulary import vocabulary
+    from forgetpack.engine.vocabulary import vocabulary
 
     names = vocabulary()
     proj = find_projection(vit.model, "text")

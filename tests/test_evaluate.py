@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from forgetpack import evaluate as ev
 from forgetpack.cli import main
-from forgetpack.datasets import DIGIT_NAMES, LabeledImages
-from forgetpack.errors import ForgetpackError
+from forgetpack.evaluation import harness as ev
+from forgetpack.evaluation.datasets import DIGIT_NAMES, LabeledImages
+from forgetpack.format.errors import ForgetpackError
 
 # ----------------------------------------------------------------------------- arithmetic
 

@@ -15,8 +15,8 @@ import pytest
 from patch_factory import forget_patch
 
 import runtime
-from forgetpack.errors import ForgetpackError, PatchError
-from forgetpack.patch import Layer, Patch
+from forgetpack.format.errors import ForgetpackError, PatchError
+from forgetpack.format.patch import Layer, Patch
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def predictions(model: runtime.Model, images, classnames, templates) -> np.ndarr
 
 @pytest.fixture(scope="module")
 def loaded():
-    from forgetpack.models import load_model
+    from forgetpack.engine.models import load_model
 
     return load_model(SPEC)
 
@@ -52,7 +52,7 @@ def torch_model(loaded):
 
 @pytest.fixture(scope="module")
 def heldout():
-    from forgetpack.datasets import DEFAULT_TEMPLATES, load_dataset
+    from forgetpack.evaluation.datasets import DEFAULT_TEMPLATES, load_dataset
 
     sets = {}
     for name in ("mnist", "digits", "letters"):
@@ -66,8 +66,8 @@ def test_manifest_maps_every_projection_to_its_initializer(export_dir, loaded):
     import onnx
     from onnx import numpy_helper
 
-    from forgetpack.patch import fingerprint
-    from forgetpack.torch_patch import read_matrices
+    from forgetpack.engine.torch_patch import read_matrices
+    from forgetpack.format.patch import fingerprint
 
     manifest = json.loads((export_dir / "manifest.json").read_text())
     assert manifest["model_id"] == SPEC and manifest["opset"] == 18 and manifest["precision"] == "fp32"
@@ -189,8 +189,8 @@ def test_projection_missing_from_graph_is_a_clear_error():
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    from forgetpack.engine.projections import Projection
     from forgetpack.export import _projection_node
-    from forgetpack.projections import Projection
 
     w = numpy_helper.from_array(np.ones((4, 3), np.float32), "onnx::MatMul_7")
     graph = helper.make_graph(

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from forgetpack import features
-from forgetpack.models import LoadedModel, load_model
-from forgetpack.projections import find_projection, projection_bias, projection_matrix
+from forgetpack.engine import features
+from forgetpack.engine.models import LoadedModel, load_model
+from forgetpack.engine.projections import find_projection, projection_bias, projection_matrix
 
 PROMPTS = ["tabby cat", "a photo of a golden retriever.", "", "a photo of the number seven.", "7", "tabby cat",
            "an image of a very long and winding name, with commas; and more words than usual"]

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 
 from forgetpack.cli import main
-from forgetpack.patch import read_patch
+from forgetpack.format.patch import read_patch
 
 MODEL = "ViT-B-32:none"
 
@@ -97,7 +97,7 @@ def test_bad_files_and_models(tmp_path, capsys) -> None:
 def test_non_finite_solver_output_writes_nothing(tmp_path, capsys, monkeypatch) -> None:
     import numpy as np
 
-    from forgetpack.solvers import closed_form
+    from forgetpack.engine.solvers import closed_form
 
     def broken(problem):
         width, embed = problem.M.shape

@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from forgetpack import evaluate as ev
 from forgetpack import mini
 from forgetpack.cli import main
-from forgetpack.errors import ForgetpackError
+from forgetpack.evaluation import harness as ev
+from forgetpack.format.errors import ForgetpackError
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +90,7 @@ def test_heldout_accuracy_bars(base_report, name):
 
 
 def test_image_embeddings_are_cached(loaded, tmp_path, monkeypatch):
-    from forgetpack.datasets import load_dataset
+    from forgetpack.evaluation.datasets import load_dataset
 
     monkeypatch.setenv(ev.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(ev, "_MEMORY_CACHE", {})
@@ -113,7 +113,7 @@ def _antipode_patch(loaded, classname: str, template: str):
     """
     import torch
 
-    from forgetpack.patch import Layer, Patch
+    from forgetpack.format.patch import Layer, Patch
 
     text = loaded.model.text
     tokens = loaded.tokenizer([template.format(classname)])

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from forgetpack.errors import ForgetpackError
-from forgetpack.models import load_model
-from forgetpack.projections import find_projection, projection_matrix
+from forgetpack.engine.models import load_model
+from forgetpack.engine.projections import find_projection, projection_matrix
+from forgetpack.format.errors import ForgetpackError
 
 
 @pytest.fixture(scope="module")

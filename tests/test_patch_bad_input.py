@@ -14,10 +14,10 @@ import pytest
 from patch_factory import base_matrices, make_patch, write_base
 
 from forgetpack.cli import main
-from forgetpack.errors import PatchError
-from forgetpack.fileio import RawTensor, atomic_output, serialize
-from forgetpack.patch import read_patch
-from forgetpack.signing import generate_keypair, load_private_key, load_public_key, sign, verify_signature
+from forgetpack.format.errors import PatchError
+from forgetpack.format.fileio import RawTensor, atomic_output, serialize
+from forgetpack.format.patch import read_patch
+from forgetpack.format.signing import generate_keypair, load_private_key, load_public_key, sign, verify_signature
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +195,8 @@ def test_applying_twice_and_tampered_checkpoint(setup, capsys) -> None:
     code, err = run_cli(capsys, "apply", tmp / "once.safetensors", good, "-o", tmp / "twice.safetensors")
     assert_one_line_error(code, err, "already applied")
     # Edit a patched matrix behind forgetpack's back: later operations refuse it.
-    from forgetpack.checkpoint import Checkpoint
-    from forgetpack.fileio import save_safetensors
+    from forgetpack.format.checkpoint import Checkpoint
+    from forgetpack.format.fileio import save_safetensors
 
     ckpt = Checkpoint.read(tmp / "once.safetensors")
     w = ckpt.matrix("text_projection")
@@ -273,7 +273,7 @@ def test_format_module_and_light_commands_do_not_import_torch(setup) -> None:
     good = tmp / "good.fpatch.safetensors"
     script = f"""
 import sys
-import forgetpack.patch, forgetpack.checkpoint, forgetpack.signing
+import forgetpack.format.patch, forgetpack.format.checkpoint, forgetpack.format.signing
 from forgetpack.cli import main
 for args in (["--help"], ["inspect", {str(good)!r}], ["inspect", "--json", {str(good)!r}],
              ["verify", {str(good)!r}, "--base", {str(tmp / 'base.safetensors')!r}, "--key", {str(tmp / 'key.pub')!r}]):

@@ -14,10 +14,10 @@ from patch_factory import base_matrices, make_patch, write_base
 from safetensors import safe_open
 from safetensors.numpy import load_file, save
 
-from forgetpack.checkpoint import Checkpoint, apply_to_file, revert_file
-from forgetpack.errors import PatchError
-from forgetpack.fileio import RawTensor, save_safetensors, serialize
-from forgetpack.patch import Layer, Patch, fingerprint, read_patch, stack
+from forgetpack.format.checkpoint import Checkpoint, apply_to_file, revert_file
+from forgetpack.format.errors import PatchError
+from forgetpack.format.fileio import RawTensor, save_safetensors, serialize
+from forgetpack.format.patch import Layer, Patch, fingerprint, read_patch, stack
 
 
 def test_round_trip(tmp_path: Path) -> None:

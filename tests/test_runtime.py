@@ -23,8 +23,8 @@ from patch_factory import forget_patch
 from PIL import Image
 
 import runtime
-from forgetpack.errors import ForgetpackError, PatchError, SignatureError
-from forgetpack.patch import Layer, Patch
+from forgetpack.format.errors import ForgetpackError, PatchError, SignatureError
+from forgetpack.format.patch import Layer, Patch
 
 TOLERANCE = 1e-4
 SETS = ("mnist", "digits", "letters")
@@ -44,7 +44,7 @@ def cached_export(tmp_path_factory, name: str, spec: str = "mini", **kwargs) -> 
 
 @pytest.fixture(scope="module")
 def mini_loaded():
-    from forgetpack.models import load_model
+    from forgetpack.engine.models import load_model
 
     return load_model("mini")
 
@@ -61,7 +61,7 @@ def torch_model(mini_loaded):
 
 @pytest.fixture(scope="module")
 def heldout():
-    from forgetpack.datasets import DEFAULT_TEMPLATES, load_dataset
+    from forgetpack.evaluation.datasets import DEFAULT_TEMPLATES, load_dataset
 
     return {name: (load_dataset(name), list(DEFAULT_TEMPLATES[name])) for name in SETS}
 
@@ -156,7 +156,7 @@ def test_remove_patch_is_exact_and_parents_are_enforced(onnx_model, heldout):
 
 @pytest.mark.slow
 def test_trusted_keys(tmp_path, export_dir, onnx_model, heldout):
-    from forgetpack.signing import generate_keypair, load_private_key, sign
+    from forgetpack.format.signing import generate_keypair, load_private_key, sign
 
     generate_keypair(tmp_path / "a", tmp_path / "a.pub")
     generate_keypair(tmp_path / "b", tmp_path / "b.pub")
@@ -284,7 +284,7 @@ def test_onnx_reader_equals_onnx_package(export_dir):
     import onnx
     from onnx import numpy_helper
 
-    from runtime.onnxfile import OnnxFile
+    from forgetpack.format.onnxfile import OnnxFile
 
     ours = OnnxFile(export_dir / "image.onnx")
     proto = onnx.load(str(export_dir / "image.onnx"))

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from forgetpack.errors import ForgetpackError
-from forgetpack.projections import Projection
-from forgetpack.solvers import Problem, Solution, Weights, get_solver
-from forgetpack.solvers.closed_form import ClosedFormSolver, objective, solve_closed_form
-from forgetpack.solvers.nullspace import NullspaceSolver
-from forgetpack.solvers.paper import PaperSolver
+from forgetpack.engine.projections import Projection
+from forgetpack.engine.solvers import Problem, Solution, Weights, get_solver
+from forgetpack.engine.solvers.closed_form import ClosedFormSolver, objective, solve_closed_form
+from forgetpack.engine.solvers.nullspace import NullspaceSolver
+from forgetpack.engine.solvers.paper import PaperSolver
+from forgetpack.format.errors import ForgetpackError
 
 
 @pytest.fixture(autouse=True)

@@ -9,9 +9,10 @@ import pytest
 from patch_factory import make_patch, write_base
 from safetensors.numpy import load_file
 
-from forgetpack.checkpoint import apply_to_file
-from forgetpack.errors import PatchError
-from forgetpack.torch_patch import apply_patches, model_fingerprints
+from forgetpack.engine.torch_patch import apply_patches, read_matrices
+from forgetpack.format.checkpoint import apply_to_file
+from forgetpack.format.errors import PatchError
+from forgetpack.format.patch import fingerprint
 
 torch = pytest.importorskip("torch")
 
@@ -33,7 +34,7 @@ def test_in_memory_equals_file(tmp_path: Path) -> None:
     fps = apply_patches(model, patches)
     np.testing.assert_array_equal(model.text_projection.detach().numpy(), on_disk["text_projection"])
     np.testing.assert_array_equal(model.visual.proj.detach().numpy(), on_disk["visual.proj"])
-    assert fps == model_fingerprints(model, ["text_projection", "visual.proj"])
+    assert fps == {n: fingerprint(m) for n, m in read_matrices(model, ["text_projection", "visual.proj"]).items()}
 
 
 def test_wrong_base_is_refused(tmp_path: Path) -> None:

@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import runtime
+    from forgetpack.engine.models import load_model
     from forgetpack.export import export, quantize_export
-    from forgetpack.models import load_model
-    from forgetpack.patch import Layer, Patch
+    from forgetpack.format.patch import Layer, Patch
 
     torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory(prefix="bench-")

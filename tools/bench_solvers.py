@@ -15,7 +15,7 @@ One run covers:
    whole vocabulary that keeps its class (bare names), mean drift of the preserve embeddings.
 3. **Stacked vs composed** patches on ``ViT-B-32:none`` (text space).
 4. With ``--harness``, the same solvers (and targets) on ``mini`` measured on real held-out
-   images by ``forgetpack.evaluate`` (needs the mini weights).
+   images by ``forgetpack.evaluation.harness`` (needs the mini weights).
 
     python tools/bench_solvers.py                # all of it
     python tools/bench_solvers.py --quick        # skip the paper's loop as published
@@ -34,12 +34,12 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from forgetpack import features  # noqa: E402
-from forgetpack.engine import DEFAULT_SOLVER, DEFAULT_TARGET, compose, forget, measure_patches  # noqa: E402
-from forgetpack.errors import ForgetpackError  # noqa: E402
-from forgetpack.models import load_model  # noqa: E402
-from forgetpack.patch import stack  # noqa: E402
-from forgetpack.vocabulary import builtin_vocabulary  # noqa: E402
+from forgetpack.engine import features  # noqa: E402
+from forgetpack.engine.models import load_model  # noqa: E402
+from forgetpack.engine.solve import DEFAULT_SOLVER, DEFAULT_TARGET, compose, forget, measure_patches  # noqa: E402
+from forgetpack.engine.vocabulary import builtin_vocabulary  # noqa: E402
+from forgetpack.format.errors import ForgetpackError  # noqa: E402
+from forgetpack.format.patch import stack  # noqa: E402
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 LETTERS = ["A", "C", "E", "H", "K", "M", "P", "R", "W", "X"]
@@ -157,9 +157,9 @@ def compose_section(out: dict) -> None:
 
 
 def harness_section(out: dict, loaded=None) -> None:
-    from forgetpack.evaluate import evaluate
+    from forgetpack.evaluation.harness import evaluate
 
-    print("\n## mini on real held-out images (forgetpack.evaluate)\n", flush=True)
+    print("\n## mini on real held-out images (forgetpack.evaluation.harness)\n", flush=True)
     if loaded is None:
         try:
             loaded = load_model("mini")

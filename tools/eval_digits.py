@@ -3,7 +3,7 @@
 
 This is the evaluation issue's acceptance run. For every solver, ten single-digit patches and
 one three-digit patch are solved with an automatic preserve set (no images), then
-``forgetpack.evaluate`` measures them on the held-out MNIST, UCI digits and letters splits:
+``forgetpack.evaluation.harness`` measures them on the held-out MNIST, UCI digits and letters splits:
 
 - forget: accuracy on the forgotten digit(s), base → patched (bound: ≤ 1% on both digit sets);
 - others: accuracy on the other digits of the same set, classifying over all ten (bound: within
@@ -33,13 +33,13 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from forgetpack.datasets import DIGIT_NAMES  # noqa: E402
-from forgetpack.engine import DEFAULT_SOLVER, compose, forget  # noqa: E402
-from forgetpack.errors import ForgetpackError  # noqa: E402
-from forgetpack.evaluate import evaluate  # noqa: E402
-from forgetpack.models import load_model  # noqa: E402
-from forgetpack.patch import stack  # noqa: E402
-from forgetpack.solvers import SOLVERS  # noqa: E402
+from forgetpack.engine.models import load_model  # noqa: E402
+from forgetpack.engine.solve import DEFAULT_SOLVER, compose, forget  # noqa: E402
+from forgetpack.engine.solvers import SOLVERS  # noqa: E402
+from forgetpack.evaluation.datasets import DIGIT_NAMES  # noqa: E402
+from forgetpack.evaluation.harness import evaluate  # noqa: E402
+from forgetpack.format.errors import ForgetpackError  # noqa: E402
+from forgetpack.format.patch import stack  # noqa: E402
 
 SETS = ("mnist", "digits", "letters")
 MULTI = ("one", "four", "seven")

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import runtime
-    from forgetpack.errors import ForgetpackError
+    from forgetpack.format.errors import ForgetpackError
 
     provider = args.provider
     options = {"use_tf32": "1" if args.tf32 else "0"} if provider.lower() in ("cuda", "cudaexecutionprovider") else None
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             int8 = runtime.load(Path(tmp.name) / "int8", providers=providers)
         report = {"spec": args.spec, "provider": onnx_model.backend.providers, "torch_device": device, "sets": {}}
         ok = True
-        from forgetpack.datasets import DEFAULT_TEMPLATES, load_dataset
+        from forgetpack.evaluation.datasets import DEFAULT_TEMPLATES, load_dataset
 
         for name in args.sets.split(","):
             data = load_dataset(name)

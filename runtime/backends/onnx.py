@@ -23,11 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from forgetpack.errors import ForgetpackError
-from forgetpack.patch import Patch, fingerprint
-from runtime.backends import Backend, TargetInfo, compose
-from runtime.manifest import EXPORT_ID_KEY, Manifest
-from runtime.onnxfile import OnnxFile
+from forgetpack.format.errors import ForgetpackError
+from forgetpack.format.fit import TargetInfo, apply_in_order
+from forgetpack.format.manifest import EXPORT_ID_KEY, Manifest
+from forgetpack.format.onnxfile import OnnxFile
+from forgetpack.format.patch import Patch, fingerprint
+from runtime.backends import Backend
 from runtime.preprocess import Preprocessor
 from runtime.tokenizer import TextTokenizer
 
@@ -100,7 +101,7 @@ class OnnxBackend(Backend):
                 )
             self._graph_matrices[target] = matrix
             self._bias[target] = self._read(graph, proj.bias).astype(np.float32) if proj.bias else None
-        self.targets = {t: TargetInfo(tuple(p.shape), p.layout, p.base) for t, p in manifest.projections.items()}
+        self.targets = {t: TargetInfo(tuple(p.shape), p.base, p.layout) for t, p in manifest.projections.items()}
         self._matrices = dict(self._graph_matrices)  # current state: graph (+ baked) + hot patches
         self._forms = self._feature_forms(self._matrices)
         self._matmul = self._projector()
@@ -190,7 +191,7 @@ class OnnxBackend(Backend):
         """A one-MatMul session on one CPU thread for re-projection (see onnxfile.matmul_graph)."""
         import onnxruntime as ort
 
-        from runtime.onnxfile import matmul_graph
+        from forgetpack.format.onnxfile import matmul_graph
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
@@ -261,7 +262,7 @@ class OnnxBackend(Backend):
     # -- patches ---------------------------------------------------------------------
 
     def set_patches(self, patches: Sequence[Patch]) -> None:
-        matrices = compose(self._graph_matrices, patches)
+        matrices = apply_in_order(self._graph_matrices, patches, self.targets, model=self.model_id, applied=self.baked)
         sessions = dict(self._sessions)
         for tower in self.manifest.towers:
             target = self.manifest.towers[tower].projection

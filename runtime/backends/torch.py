@@ -1,8 +1,8 @@
 """The torch backend: the same interface over an open_clip model (the reference for parity).
 
-``source`` is a model spec (``mini``, ``ViT-B-32:none``, ...; see forgetpack.models) or an
+``source`` is a model spec (``mini``, ``ViT-B-32:none``, ...; see forgetpack.engine.models) or an
 export directory without baked-in patches (its manifest names the model). Patches are
-applied with forgetpack.torch_patch, always from the base matrices, so removing one is exact.
+applied with forgetpack.engine.torch_patch, always from the base matrices, so removing one is exact.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from forgetpack.errors import ForgetpackError
-from forgetpack.patch import Patch, fingerprint
-from runtime.backends import Backend, TargetInfo
+from forgetpack.format.errors import ForgetpackError
+from forgetpack.format.fit import TargetInfo, apply_in_order, targets_of
+from forgetpack.format.patch import Patch
+from runtime.backends import Backend
 
 BATCH = 64
 
@@ -30,12 +31,12 @@ class TorchBackend(Backend):
             raise ForgetpackError(f"unknown option(s) for the torch backend: {', '.join(sorted(options))}")
         import torch
 
-        from forgetpack.models import load_model
-        from forgetpack.projections import find_projection
-        from forgetpack.torch_patch import read_matrices
+        from forgetpack.engine.models import load_model
+        from forgetpack.engine.projections import find_projection
+        from forgetpack.engine.torch_patch import read_matrices
 
         if all(hasattr(source, a) for a in ("model", "preprocess", "tokenizer", "model_id")):
-            loaded = source  # an already loaded forgetpack.models.LoadedModel (shared: patches change it)
+            loaded = source  # an already loaded forgetpack.engine.models.LoadedModel (shared: patches change it)
         else:
             loaded = load_model(_spec(source), device=device or _device(providers))
         if threads:
@@ -48,10 +49,7 @@ class TorchBackend(Backend):
         self.logit_scale = float(self.model.logit_scale.exp().item())
         projections = [find_projection(self.model, side) for side in ("text", "visual")]
         self._base = read_matrices(self.model, [p.target for p in projections])
-        self.targets = {
-            p.target: TargetInfo(tuple(self._base[p.target].shape), p.layout, fingerprint(self._base[p.target]))
-            for p in projections
-        }
+        self.targets: dict[str, TargetInfo] = targets_of(self._base, layouts={p.target: p.layout for p in projections})
         self.baked = ()
 
     def encode_images(self, images: Sequence[Any]) -> np.ndarray:
@@ -75,9 +73,7 @@ class TorchBackend(Backend):
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
     def set_patches(self, patches: Sequence[Patch]) -> None:
-        from runtime.backends import compose
-
-        matrices = compose(self._base, patches)  # checks parents; the model is untouched if it raises
+        matrices = apply_in_order(self._base, patches, self.targets, model=self.model_id)  # the model is untouched if it raises
         import torch
 
         params = dict(self.model.named_parameters())
@@ -91,7 +87,7 @@ def _spec(source: str | os.PathLike[str]) -> str:
     spec = str(source)
     if not Path(spec).is_dir():
         return spec
-    from runtime.manifest import Manifest
+    from forgetpack.format.manifest import Manifest
 
     manifest = Manifest.read(spec)
     if manifest.patches:

@@ -1,0 +1,1 @@
+"""CLI commands, one module per group; ``forgetpack.cli.main`` imports them only when called."""

@@ -1,0 +1,88 @@
+"""The ``forgetpack`` command line.
+
+Subcommands live in ``forgetpack.cli.commands.*`` and are imported only when used, so
+``forgetpack --help``, ``inspect`` and ``verify`` never pay for torch. A command module
+must therefore keep heavy imports (torch, open_clip, onnx) inside its functions.
+
+Any ``ForgetpackError`` becomes one line on stderr and exit status 1: no traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from forgetpack import __version__
+from forgetpack.format.errors import ForgetpackError
+
+# name -> "module:attribute"; the order here is the order of ``--help``.
+COMMANDS: dict[str, str] = {
+    "forget": "forgetpack.cli.commands.forget:forget",
+    "compose": "forgetpack.cli.commands.forget:compose",
+    "eval": "forgetpack.cli.commands.evaluate:evaluate",
+    "inspect": "forgetpack.cli.commands.patch:inspect",
+    "verify": "forgetpack.cli.commands.patch:verify",
+    "apply": "forgetpack.cli.commands.patch:apply",
+    "revert": "forgetpack.cli.commands.patch:revert",
+    "stack": "forgetpack.cli.commands.patch:stack",
+    "keygen": "forgetpack.cli.commands.patch:keygen",
+    "sign": "forgetpack.cli.commands.patch:sign",
+    "export": "forgetpack.cli.commands.export:export",
+    "classify": "forgetpack.cli.commands.classify:classify",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group that imports a subcommand's module only when it is needed."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name in COMMANDS if self._load(name) is not None]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return self._load(cmd_name)
+
+    @staticmethod
+    def _load(name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module_name, attr = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            # A command whose module is not part of this install is simply absent.
+            if exc.name and module_name.startswith(exc.name):
+                return None
+            raise
+        return getattr(module, attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="forgetpack")
+def cli() -> None:
+    """Make CLIP models forget classes; ship the change as a small, verifiable patch."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run the CLI, turning user errors into one line and exit 1."""
+    try:
+        cli.main(args=argv, prog_name="forgetpack", standalone_mode=False)
+    except ForgetpackError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 1
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 1
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

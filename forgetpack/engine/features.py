@@ -1,0 +1,305 @@
+"""Pre-projection text features, fast on CPU: batched, context cut, cached.
+
+The engine needs, for each prompt, the text tower's output just before its final projection
+(OpenAI-style towers: ``ln_final`` at the end-of-text token; HF towers: the pooled output
+before ``text.proj``). Three things make that cheap:
+
+- **Context cutting.** Class names are a few tokens long but tokenizers pad to 77. With a
+  causal mask (OpenAI-style) or an attention mask (HF), the padding never influences the
+  pooled token, so each batch is cut to its longest prompt: same features, ~10x less work.
+  Prompts are sorted by length first so that batches hold similar lengths.
+- **A feature cache** per (text-tower fingerprint, prompt), in memory and on disk
+  (``$FORGETPACK_CACHE``, default ``~/.cache/forgetpack``) as safetensors shards: no pickle.
+  The fingerprint covers the tower's weights *except* the projection, so features stay valid
+  for every patched version of a model.
+- ``torch.inference_mode`` and one tokenizer call per request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from forgetpack.engine.projections import find_projection
+from forgetpack.format.errors import ForgetpackError
+
+FEATURE_VERSION = "1"  # bump when the way features are computed changes
+MAX_SHARDS = 32  # compact a model's cache directory beyond this many shard files
+DEFAULT_BATCH = 128
+
+_memory: dict[tuple[str, str], np.ndarray] = {}
+_loaded_from_disk: set[str] = set()
+_fingerprints: weakref.WeakKeyDictionary[Any, tuple[tuple[int, ...], str]] = weakref.WeakKeyDictionary()
+
+
+# ---------------------------------------------------------------------------- cache plumbing
+
+
+def cache_dir() -> Path:
+    """The on-disk cache root: ``$FORGETPACK_CACHE`` or ``~/.cache/forgetpack``."""
+    return Path(os.environ.get("FORGETPACK_CACHE") or Path.home() / ".cache" / "forgetpack").expanduser()
+
+
+def clear_memory_cache() -> None:
+    """Forget everything cached in this process (the disk cache stays)."""
+    _memory.clear()
+    _loaded_from_disk.clear()
+    _fingerprints.clear()
+
+
+def _text_parameters(model: Any) -> list[tuple[str, Any]]:
+    """The parameters that determine pre-projection text features, in a fixed order."""
+    proj = find_projection(model, "text")
+    skip = {proj.target, proj.bias}
+    out = []
+    for name, p in sorted(model.named_parameters()):
+        if name.startswith("visual.") or name.startswith("logit_") or name in skip:
+            continue
+        out.append((name, p))
+    return out
+
+
+def text_fingerprint(model: Any, tokenizer: Any) -> str:
+    """sha256 of the text tower's weights (projection excluded) and the tokenizer's identity.
+
+    Memoised per model object and invalidated when any parameter is modified in place
+    (torch bumps a tensor's version counter on every in-place write).
+    """
+    params = _text_parameters(model)
+    versions = tuple(p._version for _, p in params)
+    memo = _fingerprints.get(model)
+    if memo is not None and memo[0] == versions:
+        return memo[1]
+    h = hashlib.sha256(f"forgetpack.features.v{FEATURE_VERSION}|{_describe_tokenizer(tokenizer)}\n".encode())
+    for name, p in params:
+        array = np.ascontiguousarray(p.detach().cpu().numpy())
+        h.update(f"{name}|{array.dtype.str}|{list(array.shape)}\n".encode())
+        h.update(memoryview(array).cast("B"))  # no copy
+    fp = "sha256:" + h.hexdigest()
+    _fingerprints[model] = (versions, fp)
+    return fp
+
+
+def _describe_tokenizer(tokenizer: Any) -> str:
+    inner = getattr(tokenizer, "tokenizer", None)
+    name = getattr(inner, "name_or_path", "") if inner is not None else ""
+    return f"{type(tokenizer).__name__}|{getattr(tokenizer, 'context_length', '')}|{Path(str(name)).name}"
+
+
+def _shard_dir(fp: str) -> Path:
+    return cache_dir() / "features" / fp.split(":")[-1][:32]
+
+
+def _load_disk(fp: str) -> None:
+    """Read every cache shard of one model into memory (once per process)."""
+    if fp in _loaded_from_disk:
+        return
+    _loaded_from_disk.add(fp)
+    folder = _shard_dir(fp)
+    if not folder.is_dir():
+        return
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                if meta.get("fingerprint") != fp:
+                    continue
+                prompts = json.loads(meta["prompts"])
+                feats = f.get_tensor("features")
+        except Exception:  # a torn or foreign file is only a cache miss
+            continue
+        if feats.ndim != 2 or feats.shape[0] != len(prompts):
+            continue
+        for prompt, row in zip(prompts, feats, strict=True):
+            _memory[(fp, prompt)] = row
+
+
+def _save_disk(fp: str, prompts: Sequence[str], feats: np.ndarray) -> None:
+    """Write one shard atomically; compact the folder when it holds too many shards."""
+    from safetensors.numpy import save_file
+
+    folder = _shard_dir(fp)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+        _atomic_save(save_file, folder / f"{name}.safetensors", prompts, feats, fp)
+        shards = sorted(folder.glob("*.safetensors"))
+        if len(shards) > MAX_SHARDS:
+            known = sorted(p for (f, p) in _memory if f == fp)
+            rows = np.stack([_memory[(fp, p)] for p in known])
+            _atomic_save(save_file, folder / "compact.safetensors", known, rows, fp)
+            for shard in shards:
+                if shard.name != "compact.safetensors":
+                    shard.unlink(missing_ok=True)
+    except OSError as exc:  # a read-only or full disk must not stop forgetting
+        print(f"warning: feature cache not written ({exc})", file=sys.stderr)
+
+
+def _atomic_save(save_file: Any, path: Path, prompts: Sequence[str], feats: np.ndarray, fp: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        meta = {"fingerprint": fp, "prompts": json.dumps(list(prompts), ensure_ascii=False), "version": FEATURE_VERSION}
+        save_file({"features": np.ascontiguousarray(feats, dtype=np.float32)}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+def text_features(
+    loaded: Any,
+    prompts: Sequence[str],
+    *,
+    progress: bool = False,
+    batch_size: int = DEFAULT_BATCH,
+    use_cache: bool = True,
+) -> np.ndarray:
+    """Pre-projection features ``[len(prompts), width]`` (float32), from cache where possible."""
+    prompts = list(prompts)
+    if not prompts:
+        return np.zeros((0, text_width(loaded.model)), dtype=np.float32)
+    fp = text_fingerprint(loaded.model, loaded.tokenizer)
+    if use_cache:
+        _load_disk(fp)
+    missing = list(dict.fromkeys(p for p in prompts if (fp, p) not in _memory)) if use_cache else list(dict.fromkeys(prompts))
+    if missing:
+        feats = encode(loaded, missing, progress=progress, batch_size=batch_size)
+        for prompt, row in zip(missing, feats, strict=True):
+            _memory[(fp, prompt)] = row
+        if use_cache:
+            _save_disk(fp, missing, feats)
+    out = np.stack([_memory[(fp, p)] for p in prompts])
+    if not use_cache:
+        for p in missing:
+            _memory.pop((fp, p), None)
+    return out
+
+
+def text_width(model: Any) -> int:
+    proj = find_projection(model, "text")
+    state = dict(model.named_parameters())
+    shape = state[proj.target].shape
+    return int(shape[0] if proj.layout == "in_out" else shape[1])
+
+
+def encode(loaded: Any, prompts: Sequence[str], *, progress: bool = False, batch_size: int = DEFAULT_BATCH, cut: bool = True) -> np.ndarray:
+    """Encode prompts (no cache): sorted by length, batched, each batch cut to its longest prompt.
+
+    On CPU the thread count is chosen by measurement: the first batch runs with torch's
+    threads, the second with one, and the rest with whichever was faster per token. On a
+    machine whose cores are busy with other work, torch's threads wait on each other and one
+    thread is 2-4x faster (measured on a shared 2-core box); on an idle one, all threads win.
+    """
+    import torch
+    from tqdm import tqdm
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    tower = _TowerRunner(model)
+    tokens = tokenizer(list(prompts))
+    if not isinstance(tokens, torch.Tensor):
+        tokens = torch.as_tensor(tokens)
+    device = next(model.parameters()).device
+    lengths = tower.lengths(tokens)
+    order = torch.argsort(lengths, stable=True)
+    out = torch.empty((len(prompts), tower.width), dtype=torch.float32)
+    starts = list(range(0, len(prompts), batch_size))
+    threads = torch.get_num_threads()
+    tune = device.type == "cpu" and threads > 1 and len(starts) >= 4
+    per_token: list[float] = []
+    bar = tqdm(total=len(prompts), desc="encoding text", unit="prompt", disable=not progress, file=sys.stderr, leave=False)
+    try:
+        with torch.inference_mode(), bar:
+            for i, start in enumerate(starts):
+                idx = order[start : start + batch_size]
+                batch = tokens[idx]
+                if cut and tower.can_cut:
+                    batch = batch[:, : int(lengths[idx].max())]
+                if tune and i == 1:
+                    torch.set_num_threads(1)
+                t0 = time.perf_counter()
+                out[idx] = tower(batch.to(device)).float().cpu()
+                if tune and i < 2:
+                    per_token.append((time.perf_counter() - t0) / batch.numel())
+                    if i == 1:
+                        torch.set_num_threads(1 if per_token[1] < per_token[0] else threads)
+                bar.update(len(idx))
+    finally:
+        torch.set_num_threads(threads)
+    return out.numpy()
+
+
+class _TowerRunner:
+    """Runs one text tower up to (not including) its projection."""
+
+    def __init__(self, model: Any) -> None:
+        text = getattr(model, "text", None)
+        kind = type(text).__name__ if text is not None else None
+        self.model = model
+        if kind == "HFTextEncoder":
+            self.kind = "hf"
+            self.tower = text
+            self.pad_id = text.config.pad_token_id
+            self.can_cut = type(text.pooler).__name__ in ("MeanPooler", "ClsPooler", "ClsLastHiddenStatePooler")
+            self.width = int(text.config.hidden_size)
+        elif kind == "TextTransformer" or (text is None and hasattr(model, "ln_final")):
+            self.kind = "openai"
+            self.tower = text if text is not None else model
+            if getattr(self.tower, "cls_emb", None) is not None:
+                raise ForgetpackError("text towers with an appended CLS embedding (CoCa) are not supported")
+            self.pool = self.tower.text_pool_type if text is None else self.tower.pool_type
+            self.eos_id = self.tower.text_eos_id if text is None else self.tower.eos_id
+            causal = self.tower.attn_mask is not None
+            if self.pool not in ("argmax", "eos", "first"):
+                raise ForgetpackError(f"text pool type {self.pool!r} is not supported")
+            if not causal and getattr(self.tower, "use_pad_mask", False):
+                raise ForgetpackError("bidirectional text towers with a padding mask are not supported")
+            self.can_cut = causal  # without a causal mask every token sees the padding
+            self.width = int(self.tower.ln_final.weight.shape[0])
+        else:
+            raise ForgetpackError(f"unknown text tower {kind or type(model).__name__!r}: cannot capture its features")
+
+    def lengths(self, tokens: Any) -> Any:
+        """Tokens each prompt needs: up to its pooled token (openai) or its last non-pad token (hf)."""
+        import torch
+
+        if self.kind == "hf":
+            return (tokens != self.pad_id).long().sum(-1).clamp(min=1)
+        return self._pool_index(tokens) + 1 if self.pool != "first" else torch.ones(tokens.shape[0], dtype=torch.long)
+
+    def _pool_index(self, tokens: Any) -> Any:
+        if self.pool == "eos":
+            return (tokens == self.eos_id).int().argmax(dim=-1)
+        return tokens.argmax(dim=-1)
+
+    def __call__(self, tokens: Any) -> Any:
+        import torch
+
+        if self.kind == "hf":
+            mask = (tokens != self.pad_id).long()
+            out = self.tower.transformer(input_ids=tokens, attention_mask=mask)
+            return self.tower.pooler(out, mask)
+        t = self.tower
+        n = tokens.shape[1]
+        cast = t.transformer.get_cast_dtype()
+        x = t.token_embedding(tokens).to(cast) + t.positional_embedding[:n].to(cast)
+        mask = t.attn_mask[:n, :n] if t.attn_mask is not None else None
+        x = t.ln_final(t.transformer(x, attn_mask=mask))
+        if self.pool == "first":
+            return x[:, 0]
+        return x[torch.arange(x.shape[0], device=x.device), self._pool_index(tokens)]
