@@ -2,11 +2,12 @@
 
 Two kinds, recorded in the manifest under ``tokenizer.kind``:
 
-- ``clip_bpe``: open_clip's ``SimpleTokenizer`` (OpenAI-style towers). The export writes its
-  BPE vocabulary and merges as a ``tokenizer.json`` whose pre-tokenizer is the same regex and
-  byte-level mapping (as Hugging Face's CLIPTokenizerFast does); here we add open_clip's
-  text cleaning, ``<start_of_text>``/``<end_of_text>``, truncation (last token forced to
-  end-of-text) and zero padding to the context length.
+- ``clip_bpe``: open_clip's ``SimpleTokenizer`` (OpenAI-style towers). The exporter
+  (``forgetpack.export.tokenizer``) writes its BPE vocabulary and merges as a ``tokenizer.json``
+  whose pre-tokenizer is the same regex and byte-level mapping (as Hugging Face's
+  CLIPTokenizerFast does); here we add open_clip's text cleaning,
+  ``<start_of_text>``/``<end_of_text>``, truncation (last token forced to end-of-text) and zero
+  padding to the context length.
 - ``hf``: open_clip's ``HFTokenizer``: the Hugging Face fast tokenizer's own
   ``tokenizer.json``, with open_clip's cleaning, ``max_length`` truncation and padding.
 
@@ -29,7 +30,6 @@ import numpy as np
 
 from forgetpack.format.errors import ForgetpackError
 
-CLIP_PATTERN = r"""(?i)<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 _QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'",
                          "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"', "\u2033": '"'})
@@ -127,20 +127,3 @@ class TextTokenizer:
             out[i, : len(tokens)] = tokens
         return out
 
-
-def clip_bpe_tokenizer(encoder: dict[str, int], merges: Sequence[tuple[str, str]], special: Sequence[str]) -> Any:
-    """A ``tokenizers.Tokenizer`` equal to open_clip's SimpleTokenizer after text cleaning.
-
-    Used by the exporter (it runs where open_clip is installed) to write ``tokenizer.json``.
-    """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    bpe = models.BPE(vocab=dict(encoder), merges=[tuple(m) for m in merges], end_of_word_suffix="</w>")
-    tokenizer = Tokenizer(bpe)
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-    return tokenizer

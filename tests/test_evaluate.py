@@ -1,17 +1,25 @@
-"""The evaluation harness: metric arithmetic, the report, caching, and the CLI's bad-input paths."""
+"""The evaluation harness: metric arithmetic, the report, CLIP_benchmark results, and the CLI's bad-input paths."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from forgetpack.cli import main
-from forgetpack.evaluation import harness as ev
-from forgetpack.evaluation.datasets import DIGIT_NAMES, LabeledImages
+from forgetpack.cli.report import logged_warnings_on_stderr
+from forgetpack.evaluation import clip_benchmark
+from forgetpack.evaluation import metrics as ev
+from forgetpack.evaluation.datasets import DIGIT_NAMES, LabeledImages, load_dataset
+from forgetpack.evaluation.harness import EvalReport, check_forget
 from forgetpack.format.errors import ForgetpackError
+from forgetpack.format.names import check_templates
 
 # ----------------------------------------------------------------------------- arithmetic
 
@@ -54,7 +62,11 @@ def test_forgetting_score_is_the_papers_formula():
     assert "forget" not in terms and "left out" in note and s == 0.0
 
 
-def test_scores_split_forget_and_other_datasets():
+DIGESTS = ["sha256:" + "ab" * 32, "sha256:" + "cd" * 32]
+
+
+def _toy_results() -> tuple[dict, dict]:
+    """Base and patched results on mnist (sevens forgotten, five zeros lost) and a two-letter set."""
     digits = list(DIGIT_NAMES)
     labels = np.repeat(np.arange(10), 10)
     base = {"mnist": _result("mnist", digits, labels, labels), "letters": _result("letters", list("AB"), [0, 1], [0, 1])}
@@ -62,14 +74,19 @@ def test_scores_split_forget_and_other_datasets():
     forgotten[labels == 7] = 1  # every seven now reads as one
     forgotten[:5] = 9  # and five zeros are lost as collateral
     patched = {"mnist": _result("mnist", digits, labels, forgotten), "letters": _result("letters", list("AB"), [0, 1], [0, 0])}
-    scores = ev._scores(base, patched, ["seven"])
+    return base, patched
+
+
+def test_scores_split_forget_and_other_datasets():
+    base, patched = _toy_results()
+    scores = ev.forget_scores(base, patched, ["seven"])
     assert list(scores) == ["mnist"]
     s = scores["mnist"]
     assert s.forget_acc == (1.0, 0.0)
     assert s.retain_acc == pytest.approx((1.0, 85 / 90))
     assert s.others == {"letters": (1.0, 0.5)}
     assert s.score == pytest.approx((0.0 + 5 / 90 + 0.5) / 3)
-    report = ev.EvalReport("toy", ["p.fpatch"], ["seven"], base, patched, scores)
+    report = EvalReport("toy", ["p.fpatch"], ["seven"], base, patched, scores)
     assert report.score == pytest.approx(s.score)
     data = report.to_json()
     json.dumps(data)  # plain JSON, no NaN objects
@@ -82,12 +99,69 @@ def test_scores_split_forget_and_other_datasets():
 
 def test_input_checks():
     data = {"mnist": LabeledImages("mnist", [], np.zeros(0, np.int64), list(DIGIT_NAMES))}
-    assert ev.check_forget(["seven", " seven", "three"], data) == ["seven", "three"]
+    assert check_forget(["seven", " seven", "three"], data) == ["seven", "three"]
     with pytest.raises(ForgetpackError, match="class 'dog' is not in any evaluated dataset"):
-        ev.check_forget(["dog"], data)
+        check_forget(["dog"], data)
     with pytest.raises(ForgetpackError, match="must contain"):
-        ev.check_templates(["a photo of a number"])
-    assert ev.check_templates(["a {} here"]) == ["a {} here"]
+        check_templates(["a photo of a number"])
+    assert check_templates(["a {} here"]) == ["a {} here"]
+
+
+# ----------------------------------------------------------------------------- CLIP_benchmark results
+
+
+def test_clip_benchmark_files_and_its_own_build(tmp_path):
+    """Our result files are what ``clip_benchmark build`` reads: one row per dataset and variant."""
+    base, patched = _toy_results()
+    report = EvalReport("toy", ["p.fpatch"], ["seven"], base, patched, ev.forget_scores(base, patched, ["seven"]),
+                        patch_digests=DIGESTS)  # fmt: skip
+    folder = tmp_path / "cb"
+    paths = clip_benchmark.write_results(report, folder)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in paths) and len(paths) == 4
+    patched_name = f"patched:{'ab' * 6}+{'cd' * 6}"
+    entry = json.loads((folder / f"mnist_patched-{'ab' * 6}+{'cd' * 6}_toy_en_zeroshot_classification.json").read_text())
+    assert entry == {
+        "dataset": "mnist",
+        "model": "toy",
+        "pretrained": patched_name,
+        "task": "zeroshot_classification",
+        "metrics": {"acc1": 0.85, "mean_per_class_recall": 0.85},
+        "language": "en",
+        "forgetpack_patches": DIGESTS,
+    }
+
+    out = tmp_path / "benchmark.csv"
+    subprocess.run([sys.executable, "-m", "clip_benchmark.cli", "build", str(folder), "--output", str(out)],
+                   check=True, capture_output=True)  # fmt: skip
+    with out.open(newline="") as handle:
+        rows = {(r["dataset"], r["pretrained"]): r for r in csv.DictReader(handle)}
+    assert set(rows) == {(d, p) for d in ("mnist", "letters") for p in ("base", patched_name)}
+    expected = {("mnist", "base"): 1.0, ("mnist", patched_name): 0.85, ("letters", "base"): 1.0,
+                ("letters", patched_name): 0.5}  # fmt: skip
+    assert {k: float(r["acc1"]) for k, r in rows.items()} == expected
+    assert rows[("mnist", patched_name)]["model_fullname"] == f"toy {patched_name}"
+
+
+def test_clip_benchmark_without_patches_writes_base_only(tmp_path):
+    base, _ = _toy_results()
+    report = EvalReport("toy", [], [], base, None, {})
+    names = [p.name for p in clip_benchmark.write_results(report, tmp_path / "cb")]
+    assert names == ["mnist_base_toy_en_zeroshot_classification.json", "letters_base_toy_en_zeroshot_classification.json"]
+
+
+# ----------------------------------------------------------------------------- warnings
+
+
+def test_loader_warnings_reach_stderr_through_logging(tmp_path, capsys):
+    (tmp_path / "cats").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "cats" / "a.png")
+    (tmp_path / "cats" / "broken.png").write_bytes(b"not a png")
+    with logged_warnings_on_stderr():
+        data = load_dataset(f"imagefolder:{tmp_path}")
+    assert len(data.skipped) == 1
+    assert capsys.readouterr().err.startswith(f"warning: skipped unreadable image {tmp_path / 'cats' / 'broken.png'}")
+    load_dataset(f"imagefolder:{tmp_path}")  # the handler is gone after the command
+    assert "warning:" not in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- the CLI's bad input
@@ -101,6 +175,8 @@ def test_input_checks():
         (["--dataset", "imagefolder:/nonexistent/folder"], "image folder not found"),
         (["--dataset", "mnist", "--template", "no placeholder"], "must contain '{}'"),
         (["--dataset", "mnist", "--forget", "seven", "--patch", "/nonexistent/p.fpatch"], "p.fpatch"),
+        (["--dataset", "cifar10", "-o", "/nonexistent/dir/r.json"], "output directory /nonexistent/dir does not exist"),
+        (["--dataset", "cifar10", "--clip-benchmark", "/nonexistent/dir/cb"], "parent directory /nonexistent/dir"),
     ],
 )
 def test_cli_bad_input_is_one_line(capsys, args, message):

@@ -173,7 +173,7 @@ def test_export_refuses_bad_requests(tmp_path, loaded):
         export_loaded(loaded, tmp_path / "a", [other])
     stray = Patch.create(SPEC, {"logit_scale": np.ones((1, 1), np.float32)},
                          [Layer.lowrank("logit_scale", np.ones((1, 1)), np.ones((1, 1)))])
-    with pytest.raises(ForgetpackError, match="not a projection"):
+    with pytest.raises(PatchError, match="which this export of ViT-B-32:none cannot patch"):  # not a projection
         export_loaded(loaded, tmp_path / "b", [stray])
     with pytest.raises(ForgetpackError, match="unknown quantization"):
         export_loaded(loaded, tmp_path / "c", quantize="int4")
@@ -190,7 +190,7 @@ def test_projection_missing_from_graph_is_a_clear_error():
     from onnx import TensorProto, helper, numpy_helper
 
     from forgetpack.engine.projections import Projection
-    from forgetpack.export import _projection_node
+    from forgetpack.export.graph import projection_node
 
     w = numpy_helper.from_array(np.ones((4, 3), np.float32), "onnx::MatMul_7")
     graph = helper.make_graph(
@@ -200,9 +200,9 @@ def test_projection_missing_from_graph_is_a_clear_error():
     )
     proto = helper.make_model(graph)
     with pytest.raises(ForgetpackError, match="'text_projection' of the text tower cannot be found"):
-        _projection_node(proto, "text", Projection("text_projection", "in_out", "openai-text"))
+        projection_node(proto, "text", Projection("text_projection", "in_out", "openai-text"))
     shared = onnx.ModelProto()
     shared.CopyFrom(proto)
     shared.graph.node.append(helper.make_node("MatMul", ["x", "onnx::MatMul_7"], ["other"]))
     with pytest.raises(ForgetpackError, match="in 2 nodes"):
-        _projection_node(shared, "text", Projection("onnx::MatMul_7", "in_out", "openai-text"))
+        projection_node(shared, "text", Projection("onnx::MatMul_7", "in_out", "openai-text"))

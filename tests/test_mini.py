@@ -121,9 +121,9 @@ def _antipode_patch(loaded, classname: str, template: str):
     with torch.no_grad():
         pooled = text.pooler(text.transformer(input_ids=tokens, attention_mask=mask), mask)[0].double().numpy()
     weight = text.proj.weight.detach().double().numpy()  # [out, in]: y = W x
-    delta = -2.0 * np.outer(weight @ pooled, pooled) / (pooled @ pooled)
     base = {"text.proj.weight": text.proj.weight.detach().numpy().copy()}
-    layer = Layer.from_delta("text.proj.weight", delta, rank=1)
+    # delta = -2 (W x) x^T / (x^T x): rank one, stored as its two factors
+    layer = Layer.lowrank("text.proj.weight", -2.0 * (weight @ pooled)[:, None], (pooled / (pooled @ pooled))[None, :])
     return Patch.create("mini", base, [layer], layouts={"text.proj.weight": "out_in"})
 
 

@@ -68,16 +68,6 @@ def test_one_class_patch_size(tmp_path: Path) -> None:
     assert path.stat().st_size < 16 * 1024
 
 
-def test_from_delta_picks_low_rank_or_dense() -> None:
-    rng = np.random.default_rng(0)
-    low = rng.standard_normal((40, 2)) @ rng.standard_normal((2, 30))
-    layer = Layer.from_delta("t", low)
-    assert layer.kind == "lowrank" and layer.rank == 2
-    np.testing.assert_allclose(layer.delta(), low, atol=1e-5)
-    full = rng.standard_normal((4, 4))
-    assert Layer.from_delta("t", full).kind == "dense"
-
-
 def test_apply_is_deterministic(tmp_path: Path) -> None:
     base = write_base(tmp_path / "base.safetensors")
     patches = [make_patch(base, 1), make_patch(base, 2, targets=("visual.proj", "text_projection"))]

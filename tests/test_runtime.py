@@ -227,7 +227,8 @@ def clip_tokenizers(tmp_path_factory):
     """open_clip's SimpleTokenizer and ours (from the tokenizer.json the exporter writes), per cleaning mode."""
     from open_clip.tokenizer import SimpleTokenizer
 
-    from runtime.tokenizer import TextTokenizer, clip_bpe_tokenizer
+    from forgetpack.export.tokenizer import clip_bpe_tokenizer
+    from runtime.tokenizer import TextTokenizer
 
     out = {}
     for clean in ("lower", "canonicalize", "whitespace"):

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             from forgetpack.export import export
 
             t = time.perf_counter()
-            export(args.spec, export_dir, log=lambda m: print(m, file=sys.stderr))
+            export(args.spec, export_dir, progress=lambda line: print(line, file=sys.stderr))
             print(f"exported {args.spec} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         try:
             onnx_model = runtime.load(export_dir, providers=providers)

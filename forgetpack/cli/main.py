@@ -4,7 +4,8 @@ Subcommands live in ``forgetpack.cli.commands.*`` and are imported only when use
 ``forgetpack --help``, ``inspect`` and ``verify`` never pay for torch. A command module
 must therefore keep heavy imports (torch, open_clip, onnx) inside its functions.
 
-Any ``ForgetpackError`` becomes one line on stderr and exit status 1: no traceback.
+Any ``ForgetpackError`` becomes one line on stderr and exit status 1: no traceback. Warnings the
+library logs are shown as ``warning: ...`` lines (``render.library_warnings``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import click
 
 from forgetpack import __version__
+from forgetpack.cli.render import echo, library_warnings
 from forgetpack.format.errors import ForgetpackError
 
 # name -> "module:attribute"; the order here is the order of ``--help``.
@@ -31,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "sign": "forgetpack.cli.commands.patch:sign",
     "export": "forgetpack.cli.commands.export:export",
     "classify": "forgetpack.cli.commands.classify:classify",
+    "backends": "forgetpack.cli.commands.backends:backends",
 }
 
 
@@ -68,9 +71,10 @@ def cli() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the CLI, turning user errors into one line and exit 1."""
     try:
-        cli.main(args=argv, prog_name="forgetpack", standalone_mode=False)
+        with library_warnings():
+            cli.main(args=argv, prog_name="forgetpack", standalone_mode=False)
     except ForgetpackError as exc:
-        click.echo(f"error: {exc}", err=True)
+        echo(f"error: {exc}", err=True)
         return 1
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

@@ -1,13 +1,102 @@
-"""How forgetpack prints to a terminal: one rich console setting for every table."""
+"""How the CLI prints: one place that makes text from files and users safe for a terminal.
+
+Class names, labels, paths and patch metadata come from users and from files anybody can
+write. Printed raw, an escape sequence in a patch's ``created`` field can clear the screen or
+forge output, and rich would read ``[bold]`` or ``:warning:`` in a label as markup. So every
+command prints through these helpers: control characters (C0, C1, DEL, bidirectional
+overrides, line separators) become visible escapes, rich markup and emoji are off, and JSON
+output escapes the same characters.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import click
+from rich.console import Console
+from rich.table import Table as RichTable
 
-def console() -> Any:
-    """A rich console that prints text verbatim: class names, paths and labels come from
-    users, and a name such as ``[mnist]`` must not be read as a style tag."""
-    from rich.console import Console
+# Characters a terminal may act on rather than show (tab and newline are kept in plain text).
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_UNSAFE_IN_CELL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
-    return Console(markup=False, highlight=False)
+
+def escape(value: Any, *, cell: bool = False) -> str:
+    """``value`` as text with every character a terminal could act on shown as ``\\xNN``/``\\uNNNN``.
+
+    In a table cell, newlines and tabs are escaped too (they would break the layout)."""
+    text = value if isinstance(value, str) else str(value)
+    pattern = _UNSAFE_IN_CELL if cell else _UNSAFE
+    return pattern.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text)
+
+
+def console(stderr: bool = False) -> Console:
+    """A rich console that prints text verbatim: no markup, no emoji codes, no highlighting."""
+    return Console(markup=False, emoji=False, highlight=False, stderr=stderr)
+
+
+class Table(RichTable):
+    """A rich table whose title and string cells are escaped (markup is off on our consoles)."""
+
+    def __init__(self, *args: Any, title: str | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("title_justify", "left")
+        super().__init__(*args, title=escape(title) if title is not None else None, **kwargs)
+
+    def add_row(self, *cells: Any, **kwargs: Any) -> None:
+        super().add_row(*(escape(c, cell=True) if isinstance(c, str) else c for c in cells), **kwargs)
+
+
+def key_value_table(title: str, rows: Iterable[tuple[str, str]]) -> Table:
+    """Two columns, no header: the shape of ``inspect`` and the summaries after a command."""
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def show(*renderables: Any) -> None:
+    """Print rich renderables on stdout."""
+    out = console()
+    for r in renderables:
+        out.print(r)
+
+
+def echo(text: str, err: bool = False) -> None:
+    """One line (or a few) of plain text, escaped."""
+    click.echo(escape(text), err=err)
+
+
+def warn(text: str) -> None:
+    echo(f"warning: {text}", err=True)
+
+
+def print_json(data: Any) -> None:
+    """JSON on stdout: sorted, indented, non-ASCII kept, terminal-active characters escaped."""
+    text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+    click.echo(_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text))
+
+
+class _WarningLines(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        warn(record.getMessage())
+
+
+@contextmanager
+def library_warnings() -> Iterator[None]:
+    """Show the library's logged warnings as ``warning: ...`` lines on stderr while a command runs."""
+    loggers = [logging.getLogger(name) for name in ("forgetpack", "runtime")]
+    handler = _WarningLines(logging.WARNING)
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)

@@ -19,8 +19,8 @@ Built-in sets, all small enough to load in seconds and none needing a download:
 ``imagefolder:DIR``
     A user's own images: one sub-folder per class; the folder names are the class names
     unless ``DIR/classnames.txt`` renames them (one name per line in sorted folder order,
-    or ``folder<TAB>name`` lines). Unreadable image files are skipped with a warning and
-    counted in ``LabeledImages.skipped``.
+    or ``folder<TAB>name`` lines). Unreadable image files are skipped with a logged warning
+    and counted in ``LabeledImages.skipped``.
 
 Every split is a pure function of the package data and fixed seeds, and any training image
 whose pixels equal a test image's is dropped from training, so the held-out sets are truly
@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +72,8 @@ LETTERS_TEST_SEED = 1_000_003  # test images use seeds [LETTERS_TEST_SEED, index
 LETTERS_TRAIN_SEED = 2_000_003  # train images use seeds [LETTERS_TRAIN_SEED, index]
 
 IMAGE_SIZE = 28  # the built-in sets are all 28x28, white ink on black, like MNIST
+
+log = logging.getLogger(__name__)  # the library never prints: the CLI shows these warnings
 
 
 @dataclass
@@ -323,7 +325,7 @@ def load_imagefolder(directory: str | os.PathLike[str]) -> LabeledImages:
                     images.append(im.convert("RGB"))
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 skipped.append(str(file))
-                warnings.warn(f"skipped unreadable image {file}: {exc}", stacklevel=2)
+                log.warning("skipped unreadable image %s: %s", file, exc)
                 continue
             labels.append(label)
     if not images:
@@ -339,5 +341,5 @@ def load_imagefolder(directory: str | os.PathLike[str]) -> LabeledImages:
     )
     empty = [classnames[c] for c in np.flatnonzero(result.counts() == 0)]
     if empty:
-        warnings.warn(f"image folder {root}: no images for class(es) {', '.join(empty)}", stacklevel=2)
+        log.warning("image folder %s: no images for class(es) %s", root, ", ".join(empty))
     return result

@@ -6,11 +6,8 @@ target's own storage layout; the metadata binds the patch to its base by sha256
 fingerprints and carries the recipe, the measured effect and a content digest, plus an
 optional ed25519 signature.
 
-Exactness is designed in rather than hoped for: applying a layer is defined as
-``float(W) + delta`` computed in float64 with a fixed summation order and rounded once to
-the matrix's dtype, so the result depends only on the bytes of ``W`` and of the patch,
-never on BLAS threading. That makes ``apply`` reproducible bit-for-bit and lets ``revert``
-rebuild "base + remaining patches" exactly instead of subtracting floats.
+Layers apply exactly (``forgetpack.format.layer``), which makes ``apply`` reproducible
+bit for bit and lets ``revert`` rebuild "base + remaining patches" instead of subtracting.
 
 This module imports numpy and safetensors only (never torch).
 """
@@ -23,8 +20,8 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,116 +30,16 @@ import numpy as np
 from forgetpack import __version__
 from forgetpack.format.errors import PatchError
 from forgetpack.format.fileio import RawTensor, read_safetensors, save_safetensors, serialize
+from forgetpack.format.layer import LAYOUTS, Layer, Target, check_tensor, fingerprint
+
+__all__ = ["FORMAT", "LAYOUTS", "Layer", "Patch", "Target", "VERSION", "describe", "display_name", "fingerprint",
+           "read_patch", "stack"]
 
 FORMAT = "forgetpack.patch"
 VERSION = 1
-SUFFIX = ".fpatch.safetensors"
 MAX_PATCH_BYTES = 256 * 1024 * 1024  # a patch is kilobytes; refuse to read giants
 
-# How a target matrix is used, so a reader knows which side is the feature side.
-LAYOUTS = {
-    "in_out": "y = x @ W (open_clip text_projection, visual.proj)",
-    "out_in": "y = x @ W.T (nn.Linear weight, e.g. text.proj.weight)",
-}
 _UNSIGNED_KEYS = ("digest", "signature", "key_id")
-
-
-# ---------------------------------------------------------------------------- fingerprints
-
-
-def fingerprint(matrix: np.ndarray) -> str:
-    """sha256 over dtype, shape and the little-endian bytes of a matrix."""
-    array = np.ascontiguousarray(matrix)
-    array = array.astype(array.dtype.newbyteorder("<"), copy=False)
-    h = hashlib.sha256()
-    h.update(f"{array.dtype.str}|{','.join(map(str, array.shape))}|".encode())
-    h.update(array.tobytes())
-    return "sha256:" + h.hexdigest()
-
-
-def combined_fingerprint(fingerprints: Mapping[str, str]) -> str:
-    """One fingerprint for a set of target fingerprints (order-independent)."""
-    text = json.dumps(dict(sorted(fingerprints.items())), separators=(",", ":"))
-    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
-
-
-# ---------------------------------------------------------------------------- layers
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One additive update of one target matrix: ``up @ down`` or a dense ``delta``."""
-
-    target: str
-    up: np.ndarray | None = None  # [rows, rank]
-    down: np.ndarray | None = None  # [rank, cols]
-    dense: np.ndarray | None = None  # [rows, cols]
-
-    @property
-    def kind(self) -> str:
-        return "dense" if self.dense is not None else "lowrank"
-
-    @property
-    def rank(self) -> int:
-        return int(self.up.shape[1]) if self.up is not None else 0
-
-    def delta(self) -> np.ndarray:
-        """The update in float64, summed rank-one term by term in a fixed order."""
-        if self.dense is not None:
-            return self.dense.astype(np.float64)
-        up = self.up.astype(np.float64)
-        down = self.down.astype(np.float64)
-        out = np.zeros((up.shape[0], down.shape[1]), dtype=np.float64)
-        for k in range(up.shape[1]):  # elementwise outer products: no BLAS, no thread-dependence
-            out += np.multiply.outer(up[:, k], down[k, :])
-        return out
-
-    def apply(self, matrix: np.ndarray) -> np.ndarray:
-        """``matrix + delta``, computed in float64 and rounded once to the matrix's dtype."""
-        return (matrix.astype(np.float64) + self.delta()).astype(matrix.dtype)
-
-    def tensors(self, index: int) -> dict[str, np.ndarray]:
-        prefix = f"layers.{index}.{self.target}"
-        if self.dense is not None:
-            return {f"{prefix}.delta": self.dense}
-        return {f"{prefix}.up": self.up, f"{prefix}.down": self.down}
-
-    @staticmethod
-    def lowrank(target: str, up: np.ndarray, down: np.ndarray) -> Layer:
-        return Layer(target, up=np.ascontiguousarray(up, np.float32), down=np.ascontiguousarray(down, np.float32))
-
-    @staticmethod
-    def from_delta(target: str, delta: np.ndarray, rank: int | None = None, tol: float = 1e-6) -> Layer:
-        """The smallest faithful layer for a dense delta: truncated SVD factors, or dense.
-
-        Factors are kept when ``rank·(rows+cols) < rows·cols``; the singular values are
-        split evenly between ``up`` and ``down`` so neither factor is badly scaled.
-        """
-        delta = np.asarray(delta, dtype=np.float64)
-        rows, cols = delta.shape
-        u, s, vt = np.linalg.svd(delta, full_matrices=False)
-        if rank is None:
-            rank = int(np.sum(s > tol * max(float(s[0]) if s.size else 0.0, 1e-30)))
-        rank = max(rank, 1)
-        if rank * (rows + cols) >= rows * cols:
-            return Layer(target, dense=np.ascontiguousarray(delta, np.float32))
-        root = np.sqrt(s[:rank])
-        return Layer.lowrank(target, u[:, :rank] * root, root[:, None] * vt[:rank])
-
-
-# ---------------------------------------------------------------------------- the patch
-
-
-@dataclass(frozen=True)
-class Target:
-    """A matrix a patch changes: its state-dict name, shape and storage layout."""
-
-    name: str
-    shape: tuple[int, int]
-    layout: str = "in_out"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"shape": list(self.shape), "layout": self.layout}
 
 
 @dataclass(frozen=True)
@@ -209,10 +106,6 @@ class Patch:
         )
         patch.validate()
         return patch
-
-    def with_effect(self, effect: Mapping[str, Any]) -> Patch:
-        """The same patch with its measured effect recorded (drops any signature)."""
-        return replace(self, effect=dict(effect), signature=None, key_id=None)
 
     # -- content ---------------------------------------------------------------------
 
@@ -300,15 +193,15 @@ class Patch:
                 raise PatchError(f"{where}layer {i} changes undeclared target {layer.target!r}")
             rows, cols = self.targets[layer.target].shape
             if layer.dense is not None:
-                _check_array(where, f"layers.{i}.{layer.target}.delta", layer.dense, (rows, cols))
+                check_tensor(where, f"layers.{i}.{layer.target}.delta", layer.dense, (rows, cols))
             else:
                 if layer.up is None or layer.down is None or layer.up.ndim != 2:
                     raise PatchError(f"{where}layer {i} lacks its low-rank factors")
                 rank = layer.up.shape[1]
                 if rank < 1:
                     raise PatchError(f"{where}layer {i} has rank 0")
-                _check_array(where, f"layers.{i}.{layer.target}.up", layer.up, (rows, rank))
-                _check_array(where, f"layers.{i}.{layer.target}.down", layer.down, (rank, cols))
+                check_tensor(where, f"layers.{i}.{layer.target}.up", layer.up, (rows, rank))
+                check_tensor(where, f"layers.{i}.{layer.target}.down", layer.down, (rank, cols))
         unused = set(self.targets) - {layer.target for layer in self.layers}
         if unused:
             raise PatchError(f"{where}targets declared but never changed: {sorted(unused)}")
@@ -317,15 +210,6 @@ class Patch:
 def display_name(patch: Patch) -> str:
     """How every message names a patch: its file, or the start of its digest when it has none."""
     return str(patch.source) if patch.source is not None else f"{patch.digest[:23]}…"
-
-
-def _check_array(where: str, name: str, array: np.ndarray, shape: tuple[int, int]) -> None:
-    if array.dtype != np.float32:
-        raise PatchError(f"{where}tensor {name} has dtype {array.dtype}, expected float32")
-    if tuple(array.shape) != shape:
-        raise PatchError(f"{where}tensor {name} has shape {list(array.shape)}, expected {list(shape)}")
-    if not np.isfinite(array).all():
-        raise PatchError(f"{where}tensor {name} contains NaN or Inf")
 
 
 def _dumps(value: Any) -> str:
@@ -542,8 +426,3 @@ def describe(patch: Patch) -> dict[str, Any]:
             out[key] = value
     out["size_bytes"] = patch.source.stat().st_size if patch.source and patch.source.exists() else len(patch.to_bytes())
     return out
-
-
-def targets_of(patches: Iterable[Patch]) -> list[str]:
-    """Every target any of the patches changes, sorted."""
-    return sorted({name for p in patches for name in p.targets})

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
+from forgetpack.cli.render import Table, print_json, show
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.names import check_labels, split_names
 
@@ -53,18 +53,14 @@ def classify(source: str, images: tuple[str, ...], labels_text: str, templates: 
         for image, pred in zip(images, predictions, strict=True)
     ]
     if as_json:
-        click.echo(json.dumps({
+        print_json({
             "model": model.model_id, "backend": model.backend.name, "baked": list(model.baked),
             "patches": [p.digest for p in model.patches], "labels": labels,
             "templates": list(templates) or list(runtime.DEFAULT_TEMPLATES), "results": results,
-        }, indent=2, ensure_ascii=False))
+        })
         return
-    from rich.table import Table
-
-    from forgetpack.cli.render import console
-
     title = f"{model.model_id} via {model.backend.name}" + (f", {len(model.patches)} patch(es)" if model.patches else "")
-    table = Table(title=title, title_justify="left")
+    table = Table(title=title)
     table.add_column("image", overflow="fold")
     table.add_column("label", style="bold")
     table.add_column("prob", justify="right")
@@ -72,4 +68,4 @@ def classify(source: str, images: tuple[str, ...], labels_text: str, templates: 
     for r in results:
         rest = ", ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"][1:])
         table.add_row(r["image"], r["label"], f"{r['score']:.3f}", rest)
-    console().print(table)
+    show(table)

@@ -6,25 +6,23 @@ torch and open_clip are imported inside the command, so ``forgetpack --help`` st
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import click
 
 from forgetpack.format.errors import ForgetpackError
+from forgetpack.format.fileio import check_output_dir, check_output_file, write_bytes_atomic
 from forgetpack.format.names import split_names
 
-OUT = click.Path(dir_okay=False, path_type=Path)
+OUT = click.Path(path_type=Path)  # checked before any work: one clear line, not a usage error
 
 
-def _check_output(path: Path | None, what: str) -> None:
-    """Fail before any work if an output could not be written."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise ForgetpackError(f"{path} is a directory; give a file name for the {what}")
-    if not path.resolve().parent.is_dir():
-        raise ForgetpackError(f"{path}: output directory {path.resolve().parent} does not exist")
+def _write(path: Path, data: bytes) -> None:
+    try:
+        write_bytes_atomic(path, data)
+    except OSError as exc:
+        raise ForgetpackError(f"cannot write {path}: {exc}") from exc
+    click.echo(f"wrote {path}", err=True)
 
 
 @click.command("eval")
@@ -35,8 +33,11 @@ def _check_output(path: Path | None, what: str) -> None:
               help="mnist, digits, letters or imagefolder:DIR (repeatable; default: the three built-in sets).")
 @click.option("--template", "templates", multiple=True, metavar="T",
               help="Prompt template with {} for the class name (repeatable: ensembled). Default: each dataset's own.")
-@click.option("--json", "json_out", type=OUT, help="Write the report as JSON here.")
-@click.option("--plot", "plot_out", type=OUT, help="Write a PNG chart of per-class accuracy here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (instead of the tables).")
+@click.option("-o", "--output", type=OUT, metavar="FILE", help="Write the report as JSON here.")
+@click.option("--plot", "plot_out", type=OUT, metavar="FILE", help="Write a PNG chart of per-class accuracy here.")
+@click.option("--clip-benchmark", "clip_benchmark_dir", type=OUT, metavar="DIR",
+              help="Write CLIP_benchmark result files here (one per dataset and base/patched), for `clip_benchmark build`.")
 @click.option("--per-class/--no-per-class", default=None, help="Per-class rows for every class (default: up to 20 classes).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
@@ -46,8 +47,10 @@ def evaluate(
     forget: tuple[str, ...],
     datasets: tuple[str, ...],
     templates: tuple[str, ...],
-    json_out: Path | None,
+    as_json: bool,
+    output: Path | None,
     plot_out: Path | None,
+    clip_benchmark_dir: Path | None,
     per_class: bool | None,
     device: str,
     batch_size: int,
@@ -58,14 +61,19 @@ def evaluate(
     Example:
       forgetpack eval mini --patch seven.fpatch --forget seven --dataset mnist --dataset letters
     """
-    from forgetpack.evaluation import harness as harness
+    from forgetpack.cli.report import logged_warnings_on_stderr, plot_png, render_table
+    from forgetpack.evaluation import clip_benchmark
     from forgetpack.evaluation.datasets import BUILTIN
+    from forgetpack.evaluation.harness import evaluate as run_evaluation
 
-    _check_output(json_out, "JSON report")
-    _check_output(plot_out, "plot")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        report = harness.evaluate(
+    if output is not None:
+        check_output_file(output, "JSON report")
+    if plot_out is not None:
+        check_output_file(plot_out, "plot")
+    if clip_benchmark_dir is not None:
+        check_output_dir(clip_benchmark_dir, replace=True)  # files of other runs there are kept
+    with logged_warnings_on_stderr():  # the dataset loader's (unreadable files, empty classes) and the cache's
+        report = run_evaluation(
             model,
             patches=list(patches),
             forget=[n for n in split_names(forget) if n],
@@ -74,22 +82,20 @@ def evaluate(
             device=device,
             batch_size=batch_size,
         )
-    for w in caught:  # the dataset loader's own warnings (unreadable files, empty classes)
-        message = str(w.message)
-        if message.startswith(("skipped unreadable image", "image folder")):
-            click.echo(f"warning: {message}", err=True)
     for name, n in report.skipped.items():
         click.echo(f"warning: {name}: {n} unreadable image file(s) skipped", err=True)
 
-    harness.render_table(report, per_class=per_class)
+    text = json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n"
+    if as_json:
+        click.echo(text, nl=False)
+    else:
+        render_table(report, per_class=per_class)
     if patches and not forget:
         click.echo("note: no --forget given: reporting accuracies only, no forgetting score", err=True)
-    if json_out is not None:
-        try:
-            json_out.write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        except OSError as exc:
-            raise ForgetpackError(f"cannot write {json_out}: {exc}") from exc
-        click.echo(f"wrote {json_out}", err=True)
+    if output is not None:
+        _write(output, text.encode("utf-8"))
     if plot_out is not None:
-        harness.plot_report(report, plot_out)
-        click.echo(f"wrote {plot_out}", err=True)
+        _write(plot_out, plot_png(report))
+    if clip_benchmark_dir is not None:
+        for path in clip_benchmark.write_results(report, clip_benchmark_dir):
+            click.echo(f"wrote {path}", err=True)

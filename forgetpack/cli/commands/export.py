@@ -31,16 +31,12 @@ def export(model: str, patches: tuple[Path, ...], output: Path, quantize: str | 
 
     from forgetpack.export import export as run_export
     from forgetpack.format.patch import read_patch
+    from forgetpack.format.signing import load_public_keys, require_signed
 
     loaded = [read_patch(p) for p in patches]
-    if keys:
-        from forgetpack.format.signing import load_public_key, verify_signature
-
-        public = [load_public_key(k) for k in keys]
-        for p in loaded:
-            verify_signature(p, public)
-    log = (lambda msg: click.echo(msg, err=True)) if not as_json else None
-    manifest = run_export(model, output, loaded, quantize=quantize, opset=opset, force=force, log=log)
+    require_signed(loaded, load_public_keys(keys or None))  # no --key: no signature required
+    progress = (lambda line: click.echo(line, err=True)) if not as_json else None
+    manifest = run_export(model, output, loaded, quantize=quantize, opset=opset, force=force, progress=progress)
     if as_json:
         click.echo(json.dumps(manifest.to_json(), indent=2, sort_keys=True))
         return

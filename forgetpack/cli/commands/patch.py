@@ -1,43 +1,49 @@
-"""Patch commands: inspect, verify, apply, revert, stack, keygen, sign. No torch here."""
+"""Patch commands: inspect, verify, apply, revert, stack, keygen, sign. No torch here.
+
+Each command computes one result dict: ``--json`` prints it, otherwise it is rendered for a
+person. Everything printed that came from a file goes through ``forgetpack.cli.render``.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
+from forgetpack.cli.render import echo, key_value_table, print_json, show, warn
 from forgetpack.format.errors import ForgetpackError
+from forgetpack.format.fileio import check_output_file
 
 PATCH = click.Path(dir_okay=False, path_type=Path)
+FILE = click.Path(dir_okay=False, path_type=Path)
+JSON = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+KEYS = click.option("--key", "keys", multiple=True, type=FILE,
+                    help="Accept only patches signed by one of these public keys (repeatable).")
 
 
-def _read(path: Path):
+def _read(path: Path) -> Any:
     from forgetpack.format.patch import read_patch
 
     return read_patch(path)
 
 
-def _print_json(data: object) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False))
+def _trusted(keys: tuple[Path, ...]) -> Any:
+    """The one key rule for every command: no --key means no signature required."""
+    from forgetpack.format.signing import load_public_keys
+
+    return load_public_keys(list(keys)) if keys else None
 
 
-def _table(title: str, rows: list[tuple[str, str]]) -> None:
-    from rich.table import Table
-
-    from forgetpack.cli.render import console
-
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")
-    for key, value in rows:
-        table.add_row(key, value)
-    console().print(table)
+def _short(value: Any, limit: int = 300) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @click.command()
 @click.argument("patch", type=PATCH)
-@click.option("--json", "as_json", is_flag=True, help="Print the decoded metadata as JSON.")
+@JSON
 def inspect(patch: Path, as_json: bool) -> None:
     """Summarise a patch: targets, base, recipe, measured effect."""
     from forgetpack.format.patch import describe
@@ -45,14 +51,15 @@ def inspect(patch: Path, as_json: bool) -> None:
     p = _read(patch)
     info = describe(p)
     if as_json:
-        _print_json(info)
+        print_json(info)
         return
     recipe = p.recipe
+    signed = f"signature present (key {p.key_id}), not verified: use 'verify --key'" if p.signature else "no"
     rows = [
         ("file", f"{patch} ({info['size_bytes']:,} bytes)"),
         ("model", p.model),
         ("digest", p.digest),
-        ("signed", f"key {p.key_id}" if p.signature else "no"),
+        ("signed", signed),
         ("created", p.created),
         ("tool", p.tool),
     ]
@@ -62,81 +69,85 @@ def inspect(patch: Path, as_json: bool) -> None:
         rows.append((f"target {name}", f"{list(t.shape)} {t.layout}; {kinds}; base {p.base[name][:23]}…"))
     if p.parent:
         rows.append(("parent", ", ".join(f"{n} {fp[:23]}…" for n, fp in p.parent.items())))
-    if "forget" in recipe:
-        rows.append(("forget", ", ".join(recipe["forget"])))
+    if isinstance(recipe.get("forget"), list):
+        rows.append(("forget", ", ".join(map(str, recipe["forget"]))))
     for key in ("solver", "target", "templates"):
         if key in recipe:
-            rows.append((key, json.dumps(recipe[key], ensure_ascii=False)))
-    if "preserve" in recipe:
-        preserve = recipe["preserve"]
-        shown = ", ".join(preserve[:12]) + (f" … ({len(preserve)} in all)" if len(preserve) > 12 else "")
-        rows.append(("preserve", shown))
+            rows.append((key, _short(recipe[key])))
+    if isinstance(recipe.get("preserve"), list):
+        preserve = list(map(str, recipe["preserve"]))
+        rows.append(("preserve", ", ".join(preserve[:12]) + (f" … ({len(preserve)} in all)" if len(preserve) > 12 else "")))
     if p.components:
-        rows.append(("stacked from", ", ".join(c["digest"][:23] + "…" for c in p.components)))
+        rows.append(("stacked from", ", ".join(str(c.get("digest", "?"))[:23] + "…" for c in p.components)))
     for key, value in p.effect.items():
-        rows.append((f"effect {key}", json.dumps(value, ensure_ascii=False)[:300]))
-    _table(f"forgetpack patch {patch.name}", rows)
+        rows.append((f"effect {key}", _short(value)))
+    show(key_value_table(f"forgetpack patch {patch.name}", rows))
 
 
 @click.command()
 @click.argument("patch", type=PATCH)
-@click.option("--base", type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint the patch must fit.")
-@click.option("--key", "keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Require a signature by this public key (repeatable: any of them).")
-def verify(patch: Path, base: Path | None, keys: tuple[Path, ...]) -> None:
+@click.option("--base", type=FILE, help="Checkpoint the patch must fit.")
+@KEYS
+@JSON
+def verify(patch: Path, base: Path | None, keys: tuple[Path, ...], as_json: bool) -> None:
     """Check a patch's digest, its signature, and that it fits a base checkpoint."""
     p = _read(patch)  # reading verifies structure and the content digest
-    lines = [f"{patch}: digest ok ({p.digest[:23]}…)"]
-    if keys:
-        from forgetpack.format.signing import load_public_key, verify_signature
+    result: dict[str, Any] = {"patch": str(patch), "digest": p.digest, "digest_ok": True,
+                              "signature": None, "fits": None}
+    if p.signature:
+        result["signature"] = {"key_id": p.key_id, "verified": False}
+    trusted = _trusted(keys)
+    if trusted is not None:
+        from forgetpack.format.signing import verify_signature
 
-        kid = verify_signature(p, [load_public_key(k) for k in keys])
-        lines.append(f"{patch}: signature ok (key {kid})")
-    elif p.signature:
-        lines.append(f"{patch}: signed by key {p.key_id} (not checked: no --key given)")
+        result["signature"] = {"key_id": verify_signature(p, trusted), "verified": True}
     if base is not None:
         from forgetpack.format.checkpoint import Checkpoint, check_fits
 
         check_fits(p, Checkpoint.read(base))
+        result["fits"] = str(base)
+    if as_json:
+        print_json(result)
+        return
+    lines = [f"{patch}: digest ok ({p.digest[:23]}…)"]
+    if result["signature"] and result["signature"]["verified"]:
+        lines.append(f"{patch}: signature ok (key {p.key_id})")
+    elif p.signature:
+        lines.append(f"{patch}: signature present (key {p.key_id}), not verified: no --key given")
+    if base is not None:
         lines.append(f"{patch}: fits {base}")
-    click.echo("\n".join(lines))
+    echo("\n".join(lines))
 
 
 @click.command()
-@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("checkpoint", type=FILE)
 @click.argument("patches", nargs=-1, required=True, type=PATCH)
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--key", "keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Accept only patches signed by one of these public keys.")
-def apply(checkpoint: Path, patches: tuple[Path, ...], output: Path, keys: tuple[Path, ...]) -> None:
+@click.option("-o", "--output", required=True, type=FILE)
+@KEYS
+@JSON
+def apply(checkpoint: Path, patches: tuple[Path, ...], output: Path, keys: tuple[Path, ...], as_json: bool) -> None:
     """Write CHECKPOINT with PATCHES applied in order (deterministic, byte for byte)."""
     from forgetpack.format.checkpoint import apply_to_file
+    from forgetpack.format.signing import require_signed
 
+    check_output_file(output, "patched checkpoint")
     loaded = [_read(p) for p in patches]
-    _require_signed(loaded, keys)
+    require_signed(loaded, _trusted(keys))
     record = apply_to_file(checkpoint, loaded, output)
-    click.echo(f"wrote {output}: {len(record.applied)} patch(es) applied on base {checkpoint.name}")
-
-
-def _require_signed(patches: list, keys: tuple[Path, ...]) -> None:
-    if not keys:
+    if as_json:
+        print_json({"output": str(output), "checkpoint": str(checkpoint), "applied": [e["digest"] for e in record.applied]})
         return
-    from forgetpack.format.signing import load_public_key, verify_signature
-
-    public = [load_public_key(k) for k in keys]
-    for p in patches:
-        verify_signature(p, public)
+    echo(f"wrote {output}: {len(record.applied)} patch(es) applied on base {checkpoint.name}")
 
 
 @click.command()
-@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("checkpoint", type=FILE)
 @click.argument("patch", type=PATCH)
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--base", type=click.Path(dir_okay=False, path_type=Path),
-              help="The unpatched base checkpoint: rebuild exactly as base + remaining patches.")
-@click.option("--keep", "keep", multiple=True, type=PATCH,
-              help="A patch that stays applied (needed with --base; repeatable).")
-def revert(checkpoint: Path, patch: Path, output: Path, base: Path | None, keep: tuple[Path, ...]) -> None:
+@click.option("-o", "--output", required=True, type=FILE)
+@click.option("--base", type=FILE, help="The unpatched base checkpoint: rebuild exactly as base + remaining patches.")
+@click.option("--keep", "keep", multiple=True, type=PATCH, help="A patch that stays applied (needed with --base; repeatable).")
+@JSON
+def revert(checkpoint: Path, patch: Path, output: Path, base: Path | None, keep: tuple[Path, ...], as_json: bool) -> None:
     """Remove PATCH from a patched CHECKPOINT.
 
     With --base (and --keep for every other applied patch) the result is bit-for-bit
@@ -147,44 +158,66 @@ def revert(checkpoint: Path, patch: Path, output: Path, base: Path | None, keep:
 
     if keep and base is None:
         raise ForgetpackError("--keep needs --base: remaining patches are re-applied to the base")
+    check_output_file(output, "checkpoint")
     result = revert_file(checkpoint, _read(patch), output, base_path=base, others=[_read(k) for k in keep])
-    click.echo(f"wrote {output}: {result.how}")
+    if as_json:
+        print_json({"output": str(output), "exact": result.exact, "how": result.how,
+                    "applied": [e["digest"] for e in result.record.applied]})
+        return
+    echo(f"wrote {output}: {result.how}")
     if not result.exact:
-        click.echo(f"warning: {output} is not bit-exact", err=True)
+        warn(f"{output} is not bit-exact")
 
 
 @click.command()
 @click.argument("patches", nargs=-1, required=True, type=PATCH)
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
-def stack(patches: tuple[Path, ...], output: Path) -> None:
+@click.option("-o", "--output", required=True, type=FILE)
+@JSON
+def stack(patches: tuple[Path, ...], output: Path, as_json: bool) -> None:
     """One patch equivalent (bit for bit) to applying PATCHES in order."""
     from forgetpack.format.patch import stack as stack_patches
 
+    check_output_file(output, "patch")
     stacked = stack_patches([_read(p) for p in patches])
     stacked.save(output)
-    click.echo(f"wrote {output}: {len(patches)} patches, {len(stacked.layers)} layers, {output.stat().st_size:,} bytes")
+    size = output.stat().st_size
+    if as_json:
+        print_json({"output": str(output), "patches": len(patches), "layers": len(stacked.layers),
+                    "size_bytes": size, "digest": stacked.digest})
+        return
+    echo(f"wrote {output}: {len(patches)} patches, {len(stacked.layers)} layers, {size:,} bytes")
 
 
 @click.command()
-@click.option("-o", "--output", default="forgetpack-key", show_default=True,
+@click.option("-o", "--output", default="forgetpack-key", show_default=True, type=FILE,
               help="Private key path; the public key goes to OUTPUT.pub.")
-def keygen(output: str) -> None:
+@JSON
+def keygen(output: Path, as_json: bool) -> None:
     """Create an ed25519 key pair for signing patches."""
     from forgetpack.format.signing import generate_keypair
 
-    kid = generate_keypair(output, f"{output}.pub")
-    click.echo(f"wrote {output} (private, keep it secret) and {output}.pub; key id {kid}")
+    public = Path(f"{output}.pub")
+    kid = generate_keypair(output, public)
+    if as_json:
+        print_json({"private": str(output), "public": str(public), "key_id": kid})
+        return
+    echo(f"wrote {output} (private, keep it secret) and {public}; key id {kid}")
 
 
 @click.command()
 @click.argument("patch", type=PATCH)
-@click.option("--key", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Private key (PEM).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Default: sign in place.")
-def sign(patch: Path, key: Path, output: Path | None) -> None:
+@click.option("--key", required=True, type=FILE, help="Private key (PEM).")
+@click.option("-o", "--output", type=FILE, help="Default: sign in place.")
+@JSON
+def sign(patch: Path, key: Path, output: Path | None, as_json: bool) -> None:
     """Sign a patch with an ed25519 private key (the digest is unchanged)."""
     from forgetpack.format.signing import load_private_key
     from forgetpack.format.signing import sign as sign_patch
 
+    target = check_output_file(output or patch, "signed patch")
     signed = sign_patch(_read(patch), load_private_key(key))
-    signed.save(output or patch)
-    click.echo(f"signed {output or patch} with key {signed.key_id}")
+    signed.save(target)
+    if as_json:
+        print_json({"output": str(target), "key_id": signed.key_id, "digest": signed.digest})
+        return
+    echo(f"signed {target} with key {signed.key_id}")
