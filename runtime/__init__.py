@@ -16,10 +16,12 @@ This module imports neither torch nor onnxruntime itself.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -29,11 +31,12 @@ from forgetpack.format.names import CLASSIFY_TEMPLATES, check_labels, check_temp
 from forgetpack.format.patch import Patch, read_patch
 from forgetpack.format.signing import load_public_keys, require_signed
 from runtime.backends import Backend, backend_class, discover
-from runtime.preprocess import ImageInput, load_image
+from runtime.preprocess import MAX_PIXELS, ImageInput, check_pixel_budget, load_image
 
 __all__ = ["Model", "Prediction", "load", "available_backends", "DEFAULT_TEMPLATES"]
 
 DEFAULT_TEMPLATES = CLASSIFY_TEMPLATES
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -65,25 +68,32 @@ def load(
     """Load an export directory or a model spec with a backend.
 
     ``backend=None`` picks ``onnx`` for an export directory and ``torch`` otherwise.
-    ``trusted_keys`` (public key paths or loaded ed25519 keys): accept only patches signed by
-    one of them. Other keyword options go to the backend (e.g. ``threads=2``).
+    ``trusted_keys`` (a public key path or loaded ed25519 key, or a list of them): accept only
+    patches signed by one of them; an empty list trusts nobody. ``max_pixels`` bounds the images
+    accepted (checked before decoding). Other keyword options go to the backend (``threads=2``).
     """
+    max_pixels = options.pop("max_pixels", MAX_PIXELS)
     is_path = isinstance(source, (str, os.PathLike))
     if backend is None:
         backend = "onnx" if is_path and Path(source).is_dir() else "torch"
     cls = backend_class(backend)
     if backend == "onnx" and not (is_path and Path(source).is_dir()):
         raise ForgetpackError(f"{source}: not an export directory; the onnx backend serves the output of 'forgetpack export' (or use --backend torch)")
-    return Model(cls(source, providers=providers, **options), trusted_keys=trusted_keys)
+    return Model(cls(source, providers=providers, **options), trusted_keys=trusted_keys, max_pixels=max_pixels)
 
 
 class Model:
     """One small interface over any backend: encode, classify, and patch control."""
 
-    def __init__(self, backend: Backend, trusted_keys: Sequence[Any] | None = None):
+    def __init__(self, backend: Backend, trusted_keys: Sequence[Any] | None = None, max_pixels: int = MAX_PIXELS):
         self.backend = backend
-        self._patches: list[Patch] = []
+        self._patches: tuple[Patch, ...] = ()
         self._keys = load_public_keys(trusted_keys)
+        self.max_pixels = check_pixel_budget(max_pixels)
+        # Patch changes are serialised by a lock and bracketed by a sequence number (odd while a
+        # change is under way), so a reader can tell it saw one patch state from start to end.
+        self._writer = threading.Lock()
+        self._sequence = 0
 
     @property
     def model_id(self) -> str:
@@ -94,7 +104,7 @@ class Model:
     def encode_image(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
         """L2-normalised image embeddings ``[n, d]`` (paths, bytes, PIL images or arrays)."""
         images = _as_list(images)
-        return _normalise(self.backend.encode_images([load_image(im) for im in images]))
+        return _normalise(self.backend.encode_images([load_image(im, self.max_pixels) for im in images]))
 
     def encode_text(self, texts: str | Sequence[str]) -> np.ndarray:
         """L2-normalised text embeddings ``[n, d]``."""
@@ -112,10 +122,10 @@ class Model:
     def classify(
         self, images: ImageInput | Sequence[ImageInput], labels: Sequence[str], templates: Sequence[str] | None = None
     ) -> list[Prediction]:
-        """Zero-shot classification of ``images`` over ``labels``."""
+        """Zero-shot classification of ``images`` over ``labels``, all under one patch state."""
         labels = check_labels(labels)
-        weights = self.classifier(labels, templates)
-        similarity = self.encode_image(images) @ weights
+        images = [load_image(im, self.max_pixels) for im in _as_list(images)]
+        similarity = self.consistently(lambda: self.encode_image(images) @ self.classifier(labels, templates))
         logits = self.backend.logit_scale * similarity
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
@@ -127,10 +137,22 @@ class Model:
 
     # -- patches ---------------------------------------------------------------------
 
+    def consistently(self, compute: Callable[[], T]) -> T:
+        """Run ``compute`` until no patch change overlapped it: its result belongs to one patch state.
+
+        Readers never wait for each other; a patch change during a read costs that read a retry."""
+        while True:
+            before = self._sequence
+            if before % 2 == 0:
+                result = compute()
+                if self._sequence == before:
+                    return result
+            time.sleep(0)
+
     @property
     def patches(self) -> tuple[Patch, ...]:
         """The hot-applied patches, in order (patches baked in at export are in ``baked``)."""
-        return tuple(self._patches)
+        return self._patches
 
     @property
     def baked(self) -> tuple[str, ...]:
@@ -140,23 +162,40 @@ class Model:
         """Apply a patch on top of the current ones, after verifying it fits this model's base."""
         patch = patch if isinstance(patch, Patch) else read_patch(patch)
         require_signed([patch], self._keys)
-        applied = [*self.backend.baked, *(p.digest for p in self._patches)]
-        check_fit(patch, self.backend.targets, model=self.model_id, applied=applied)
-        self.backend.set_patches([*self._patches, patch])
-        self._patches.append(patch)
+        with self._writer:
+            applied = [*self.backend.baked, *(p.digest for p in self._patches)]
+            check_fit(patch, self.backend.targets, model=self.model_id, applied=applied)
+            self._switch((*self._patches, patch))
         return patch
+
+    def set_patches(self, patches: Sequence[Patch | str | os.PathLike[str]]) -> tuple[Patch, ...]:
+        """Replace the hot-applied patches with ``patches`` (in order) in one step."""
+        loaded = tuple(p if isinstance(p, Patch) else read_patch(p) for p in patches)
+        require_signed(list(loaded), self._keys)
+        with self._writer:
+            self._switch(loaded)
+        return loaded
+
+    def _switch(self, patches: tuple[Patch, ...]) -> None:
+        """Move the backend and the bookkeeping to ``patches`` as one change (writer lock held)."""
+        self._sequence += 1
+        try:
+            self.backend.set_patches(list(patches))  # checks every patch; unchanged if it raises
+            self._patches = patches
+        finally:
+            self._sequence += 1
 
     def remove_patch(self, patch: Patch | str | os.PathLike[str]) -> Patch:
         """Remove an applied patch (by Patch, digest or file); the rest are re-applied from the base, exactly."""
         digest = _digest_of(patch)
         if digest in self.backend.baked:
             raise PatchError(f"{digest[:23]}…: is baked into the export; re-export without it to remove it")
-        matches = [p for p in self._patches if p.digest == digest]
-        if not matches:
-            raise PatchError(f"{digest[:23]}…: is not applied (applied: {', '.join(p.digest[:15] for p in self._patches) or 'none'})")
-        remaining = [p for p in self._patches if p.digest != digest]
-        self.backend.set_patches(remaining)
-        self._patches = remaining
+        with self._writer:
+            matches = [p for p in self._patches if p.digest == digest]
+            if not matches:
+                applied = ", ".join(p.digest[:15] for p in self._patches) or "none"
+                raise PatchError(f"{digest[:23]}…: is not applied (applied: {applied})")
+            self._switch(tuple(p for p in self._patches if p.digest != digest))
         return matches[0]
 
 
@@ -172,7 +211,10 @@ def _as_list(images: Any) -> list[Any]:
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
+    """Unit rows; a backend answer that is not finite is an error, never a silent NaN."""
     x = np.asarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ForgetpackError("the model produced embeddings that are not finite (NaN or Inf): its weights or a patch are broken")
     norm = np.linalg.norm(x, axis=-1, keepdims=True)
     return x / np.maximum(norm, np.float32(1e-12))
 

@@ -12,25 +12,52 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from forgetpack.format.errors import ForgetpackError
+from forgetpack.format.fileio import check_input_file
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
+
+# The pixel budget: an image larger than this is refused from its header, before decoding, and
+# so is one whose resize for the model would exceed it (a 2,000,000 x 1 strip). 40 megapixels
+# takes a 6000 x 6000 photo; pass ``max_pixels`` to ``runtime.load`` to change it.
+MAX_PIXELS = 40_000_000
+MAX_ASPECT = 100  # a panorama is 10:1; resizing a 100:1 strip's short side to 224 already makes 5 megapixels
 
 _PIL_MODES = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "box": Image.BOX,
               "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
 
 
-def load_image(source: ImageInput) -> Image.Image:
-    """A decoded PIL image from a path, bytes, a PIL image or an HWC uint8 array."""
+def check_pixel_budget(max_pixels: int) -> int:
+    if type(max_pixels) is not int or max_pixels < 1:
+        raise ForgetpackError(f"max_pixels must be a positive whole number, not {max_pixels!r}")
+    return max_pixels
+
+
+def _check_size(name: str, width: int, height: int, max_pixels: int) -> None:
+    if width < 1 or height < 1:
+        raise ForgetpackError(f"{name}: an image of {width}x{height} pixels has nothing to classify")
+    if width * height > max_pixels:
+        raise ForgetpackError(f"{name}: {width}x{height} pixels is over the budget of {max_pixels:,} (max_pixels)")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ForgetpackError(f"{name}: a {width}x{height} image is too elongated to resize (aspect ratio over {MAX_ASPECT})")
+
+
+def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """A decoded PIL image from a path, bytes, a PIL image or an HWC uint8 array.
+
+    Its size is checked against ``max_pixels`` from the header, before any pixel is decoded."""
     if isinstance(source, Image.Image):
+        _check_size("image", source.width, source.height, max_pixels)
         return source
     if isinstance(source, np.ndarray):
+        if source.ndim not in (2, 3) or 0 in source.shape[:2]:
+            raise ForgetpackError(f"array of shape {list(source.shape)} is not an image (expected H x W or H x W x C, not empty)")
+        _check_size("array", source.shape[1], source.shape[0], max_pixels)
         try:
             return Image.fromarray(source)
         except (TypeError, ValueError) as exc:
@@ -39,14 +66,12 @@ def load_image(source: ImageInput) -> Image.Image:
         name, handle = "<bytes>", io.BytesIO(bytes(source))
     elif isinstance(source, (str, os.PathLike)):
         name = str(source)
-        path = Path(source)
-        if not path.is_file():
-            raise ForgetpackError(f"{name}: image not found")
-        handle = path
+        handle = check_input_file(source, "image")
     else:
         raise ForgetpackError(f"cannot read an image from a {type(source).__name__}")
     try:
-        image = Image.open(handle)
+        image = Image.open(handle)  # reads the header only
+        _check_size(name, image.width, image.height, max_pixels)
         image.load()  # decode now, so a truncated or corrupt file fails here, not mid-batch
     except Image.DecompressionBombError as exc:
         raise ForgetpackError(f"{name}: image refused ({exc})") from None

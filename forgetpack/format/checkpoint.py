@@ -69,7 +69,7 @@ class Record:
                 if not (isinstance(entry["digest"], str) and isinstance(entry["after"], dict)):
                     raise ValueError("bad entry")
             return record
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise CheckpointError(f"{path}: malformed '{RECORD_KEY}' metadata") from None
 
 
@@ -100,8 +100,14 @@ class Checkpoint:
         return {n: fingerprint(self.matrix(n)) for n in names}
 
     def base_fingerprints(self, names: Sequence[str]) -> dict[str, str]:
-        """Base fingerprints: recorded ones, or the current matrices' for unpatched targets."""
+        """Base fingerprints: recorded ones, or the current matrices' for unpatched targets.
+
+        After an inexact (base-less) revert the matrices are no longer bit-identical to any
+        recorded state, so nothing made for the base can be said to fit them."""
         recorded = self.record.base if self.record else {}
+        if self.record and not self.record.exact and any(n in recorded for n in names):
+            raise CheckpointError(f"{self.path}: is not bit-identical to its base after an inexact revert; "
+                                  "rebuild it with 'forgetpack revert --base BASE' first")
         touched = {n for e in (self.record.applied if self.record else []) for n in e["after"]}
         out = {}
         for name in names:

@@ -21,6 +21,7 @@ import errno
 import json
 import mmap
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -91,6 +92,20 @@ def check_output_file(path: str | os.PathLike[str], what: str = "output") -> Pat
     return path
 
 
+def check_input_file(path: str | os.PathLike[str], what: str = "file",
+                     error: type[ForgetpackError] = ForgetpackError) -> Path:
+    """Say plainly what is wrong with an input path: missing, a dangling link, a folder, a FIFO or device."""
+    path = Path(path)
+    if not path.exists():
+        problem = "is a dangling symbolic link" if path.is_symlink() else "not found"
+        raise error(f"{path}: {what} {problem}")
+    if path.is_dir():
+        raise error(f"{path}: is a directory, not a {what}")
+    if not path.is_file():
+        raise error(f"{path}: is not a regular file (a FIFO, socket or device), not a {what}")
+    return path
+
+
 def check_output_dir(path: str | os.PathLike[str], replace: bool = False) -> Path:
     """Fail before any work if a folder could not be published at ``path``."""
     path = Path(path)
@@ -112,7 +127,11 @@ def atomic_output(path: str | os.PathLike[str], mode: int | None = None) -> Iter
     the temporary file has 0600 until then, so a secret is never readable by others.
     """
     path = check_output_file(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
+    sweep_stale_temporaries(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.resolve().parent)
+    except OSError as exc:
+        raise ForgetpackError(f"{path}: cannot write ({exc.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
@@ -120,9 +139,11 @@ def atomic_output(path: str | os.PathLike[str], mode: int | None = None) -> Iter
             os.fsync(handle.fileno())
         os.chmod(tmp, _default_mode() if mode is None else mode)  # mkstemp makes 0600
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk, a read-only or immutable folder: one line, the old file intact
+        _remove(Path(tmp))
+        raise ForgetpackError(f"{path}: cannot write ({exc.strerror or exc})") from None
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        _remove(Path(tmp))
         raise
 
 
@@ -140,20 +161,26 @@ def atomic_directory(out: str | os.PathLike[str], replace: bool = False) -> Iter
     folder is in place). Without it, publishing fails if ``out`` gained content meanwhile.
     """
     out = check_output_dir(out, replace)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent))
+    sweep_stale_temporaries(out)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), suffix=".tmp", dir=out.resolve().parent))
+    except OSError as exc:
+        raise ForgetpackError(f"{out}: cannot write ({exc.strerror})") from None
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
         _publish_directory(tmp, out, replace)
+    except OSError as exc:
+        raise ForgetpackError(f"{out}: cannot write ({exc.strerror or exc})") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # after an exchange it holds the old folder
+        _remove(tmp)  # after an exchange it holds the old folder
 
 
 def _publish_directory(tmp: Path, out: Path, replace: bool) -> None:
     if out.is_dir() and (replace or not any(out.iterdir())):
         if _exchange(tmp, out):
             return
-        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.resolve().parent))
+        aside = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), suffix=".old", dir=out.resolve().parent))
         os.replace(out, aside / out.name)
         os.replace(tmp, out)
         shutil.rmtree(aside, ignore_errors=True)
@@ -164,6 +191,55 @@ def _publish_directory(tmp: Path, out: Path, replace: bool) -> None:
         if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
             raise ForgetpackError(f"{out}: appeared while this run was writing it; left as it is (use --force to replace it)") from None
         raise
+
+
+# Temporaries are named ".NAME.fpPID.RANDOM.tmp" (or ".old"): whoever writes NAME next can tell
+# which ones a killed writer left behind (its PID is gone) and remove them.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.fp(?P<pid>\d+)\.[^.]+\.(tmp|old)$")
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.fp{os.getpid()}."
+
+
+def sweep_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporaries of ``path`` whose writer process no longer exists; returns them.
+
+    A process killed mid-write (kill -9, power loss) cannot clean up after itself, so the next
+    writer of the same output does. Temporaries of live writers are left alone.
+    """
+    path = Path(path)
+    try:
+        entries = list(path.resolve().parent.iterdir())
+    except OSError:
+        return []
+    stale = []
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if match and match["name"] == path.name and not _alive(int(match["pid"])):
+            _remove(entry)
+            stale.append(entry)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -234,9 +310,7 @@ def read_safetensors(
     """
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{path}: {what} not found")
+    path = check_input_file(path, what, error)
     try:
         # safe_open validates the header against the file (offsets, sizes, dtypes).
         with safe_open(str(path), framework="numpy") as handle:

@@ -16,6 +16,11 @@ import numpy as np
 
 from forgetpack.format.errors import PatchError
 
+# Limits on what a patch may hold (docs/patch-format.md, docs/threat-model.md). A projection's
+# entries are of order 1 and a forget update of the same order; factors far beyond that can only
+# be a mistake or an attack (3e38 is finite, but the patched matrix would be all Inf).
+MAX_ABS_VALUE = 1e6
+
 # How a target matrix is used, so a reader knows which side is the feature side.
 LAYOUTS = {
     "in_out": "y = x @ W (open_clip text_projection, visual.proj)",
@@ -68,8 +73,15 @@ class Layer:
         return out
 
     def apply(self, matrix: np.ndarray) -> np.ndarray:
-        """``matrix + delta``, computed in float64 and rounded once to the matrix's dtype."""
-        return (matrix.astype(np.float64) + self.delta()).astype(matrix.dtype)
+        """``matrix + delta``, computed in float64 and rounded once to the matrix's dtype.
+
+        A result that is not finite in that dtype (an fp16 overflow, say) is refused: a model
+        with Inf in its projection answers NaN for everything."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = (matrix.astype(np.float64) + self.delta()).astype(matrix.dtype)
+        if not np.isfinite(out).all():
+            raise PatchError(f"applying the update of {self.target!r} gives values that are not finite in {matrix.dtype}")
+        return out
 
     def tensors(self, index: int) -> dict[str, np.ndarray]:
         prefix = f"layers.{index}.{self.target}"
@@ -103,3 +115,6 @@ def check_tensor(where: str, name: str, array: np.ndarray, shape: tuple[int, int
         raise PatchError(f"{where}tensor {name} has shape {list(array.shape)}, expected {list(shape)}")
     if not np.isfinite(array).all():
         raise PatchError(f"{where}tensor {name} contains NaN or Inf")
+    if array.size and float(np.abs(array).max()) > MAX_ABS_VALUE:
+        raise PatchError(f"{where}tensor {name} holds values up to {float(np.abs(array).max()):.3g}, beyond the "
+                         f"limit of {MAX_ABS_VALUE:.0e} for a patch")

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from forgetpack.format.errors import ForgetpackError
+from forgetpack.format.manifest_schema import validate_manifest
 
 FORMAT = "forgetpack.export"
 VERSION = 1
 MANIFEST = "manifest.json"
-TOWERS = ("image", "text")
 EXPORT_ID_KEY = "forgetpack.export_id"  # ONNX metadata_props key tying a graph to its manifest
 
 
@@ -95,34 +95,25 @@ class Manifest:
             raise ForgetpackError(f"{directory}: not a forgetpack export (no {MANIFEST}; create one with 'forgetpack export')")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ForgetpackError(f"{path}: unreadable manifest ({exc})") from None
+        except RecursionError:
+            raise ForgetpackError(f"{path}: unreadable manifest (nested too deeply)") from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: bad JSON, 5,000-digit numbers
+            raise ForgetpackError(f"{path}: unreadable manifest ({str(exc)[:120]})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ForgetpackError(f"{path}: not a forgetpack export manifest (format is {data.get('format') if isinstance(data, dict) else None!r})")
         if data.get("version") != VERSION:
             raise ForgetpackError(f"{path}: export manifest version {data.get('version')!r} is not supported (this runtime reads {VERSION})")
+        validate_manifest(data, str(path))
         try:
             towers = {name: Tower(**t) for name, t in data.pop("towers").items()}
             projections = {name: Projection(**p) for name, p in data.pop("projections").items()}
             manifest = cls(towers=towers, projections=projections, **data)
         except (KeyError, TypeError, AttributeError) as exc:
             raise ForgetpackError(f"{path}: malformed manifest ({exc})") from None
-        manifest._check(path)
-        return manifest
-
-    def _check(self, path: Path) -> None:
-        for name, tower in self.towers.items():
-            if name not in TOWERS:
-                raise ForgetpackError(f"{path}: unknown tower {name!r} (known: {', '.join(TOWERS)})")
-            if tower.projection is not None and tower.projection not in self.projections:
+        for name, tower in manifest.towers.items():
+            if tower.projection is not None and tower.projection not in manifest.projections:
                 raise ForgetpackError(f"{path}: tower {name!r} names projection {tower.projection!r}, which the manifest lacks")
-        for target, proj in self.projections.items():
-            if proj.tower not in self.towers:
-                raise ForgetpackError(f"{path}: projection {target!r} belongs to tower {proj.tower!r}, which the manifest lacks")
-            if proj.layout not in ("in_out", "out_in") or len(proj.shape) != 2:
-                raise ForgetpackError(f"{path}: projection {target!r} has layout {proj.layout!r} and shape {proj.shape}")
-        if self.precision not in ("fp32", "int8"):
-            raise ForgetpackError(f"{path}: unknown precision {self.precision!r}")
+        return manifest
 
     @property
     def base_fingerprints(self) -> dict[str, str]:

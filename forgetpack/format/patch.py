@@ -37,7 +37,9 @@ __all__ = ["FORMAT", "LAYOUTS", "Layer", "Patch", "Target", "VERSION", "describe
 
 FORMAT = "forgetpack.patch"
 VERSION = 1
-MAX_PATCH_BYTES = 256 * 1024 * 1024  # a patch is kilobytes; refuse to read giants
+MAX_PATCH_BYTES = 32 * 1024 * 1024  # a patch is kilobytes; refuse to read giants
+MAX_LAYERS = 256  # stacking concatenates layers; more than this is no longer a patch
+FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 
 _UNSIGNED_KEYS = ("digest", "signature", "key_id")
 
@@ -188,6 +190,11 @@ class Patch:
                 raise PatchError(f"{where}target {name!r} has invalid shape {list(target.shape)}")
             if name not in self.base:
                 raise PatchError(f"{where}target {name!r} has no base fingerprint")
+        self._check_fingerprints(where)
+        if len(self.layers) > MAX_LAYERS:
+            raise PatchError(f"{where}patch has {len(self.layers)} layers (at most {MAX_LAYERS})")
+        if not all(isinstance(c, dict) for c in self.components):
+            raise PatchError(f"{where}metadata 'components' must be a list of objects")
         for i, layer in enumerate(self.layers):
             if layer.target not in self.targets:
                 raise PatchError(f"{where}layer {i} changes undeclared target {layer.target!r}")
@@ -198,13 +205,24 @@ class Patch:
                 if layer.up is None or layer.down is None or layer.up.ndim != 2:
                     raise PatchError(f"{where}layer {i} lacks its low-rank factors")
                 rank = layer.up.shape[1]
-                if rank < 1:
-                    raise PatchError(f"{where}layer {i} has rank 0")
+                if not 1 <= rank <= min(rows, cols):
+                    raise PatchError(f"{where}layer {i} has rank {rank} (a {rows}x{cols} target needs 1 to {min(rows, cols)})")
                 check_tensor(where, f"layers.{i}.{layer.target}.up", layer.up, (rows, rank))
                 check_tensor(where, f"layers.{i}.{layer.target}.down", layer.down, (rank, cols))
         unused = set(self.targets) - {layer.target for layer in self.layers}
         if unused:
             raise PatchError(f"{where}targets declared but never changed: {sorted(unused)}")
+
+    def _check_fingerprints(self, where: str) -> None:
+        """``base`` and ``parent`` name exactly the targets, ``result`` some of them, each with a sha256."""
+        for key, value, exact in (("base", self.base, True), ("parent", self.parent, True), ("result", self.result, False)):
+            if value is None:
+                continue
+            if not all(isinstance(k, str) and isinstance(v, str) and FINGERPRINT.fullmatch(v) for k, v in value.items()):
+                raise PatchError(f"{where}metadata {key!r} must map target names to sha256 fingerprints")
+            names = set(value)
+            if (names != set(self.targets)) if exact else not names <= set(self.targets):
+                raise PatchError(f"{where}metadata {key!r} names {sorted(names)}, but the patch changes {sorted(self.targets)}")
 
 
 def display_name(patch: Patch) -> str:

@@ -63,3 +63,15 @@ def backend_class(name: str) -> type:
         return found[name].load()
     except ImportError as exc:
         raise ForgetpackError(f"runtime backend {name!r} cannot be imported ({exc}); is its package installed?") from None
+
+
+MAX_THREADS = 256
+
+
+def check_threads(threads: Any) -> int | None:
+    """The one rule for a ``threads`` option: None (the backend's default) or 1 to ``MAX_THREADS``."""
+    if threads is None:
+        return None
+    if type(threads) is not int or not 1 <= threads <= MAX_THREADS:
+        raise ForgetpackError(f"threads must be a whole number from 1 to {MAX_THREADS}, not {threads!r}")
+    return threads

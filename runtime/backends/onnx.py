@@ -16,8 +16,10 @@ since onnxruntime ignores unknown ones).
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from forgetpack.format.fit import TargetInfo, apply_in_order
 from forgetpack.format.manifest import EXPORT_ID_KEY, Manifest
 from forgetpack.format.onnxfile import OnnxFile
 from forgetpack.format.patch import Patch, fingerprint
-from runtime.backends import Backend
+from runtime.backends import Backend, check_threads
 from runtime.preprocess import Preprocessor
 from runtime.tokenizer import TextTokenizer
 
@@ -53,6 +55,10 @@ def resolve_providers(providers: Sequence[ProviderSpec] | str | None) -> list[Pr
     available = ort.get_available_providers()
     out: list[ProviderSpec] = []
     for spec in providers:
+        valid = isinstance(spec, str) or (isinstance(spec, (tuple, list)) and len(spec) == 2
+                                          and isinstance(spec[0], str) and isinstance(spec[1], dict))
+        if not valid:
+            raise ForgetpackError(f"execution provider {spec!r} is neither a name nor a (name, options) pair")
         name, options = (spec, None) if isinstance(spec, str) else (spec[0], spec[1])
         name = SHORT_NAMES.get(name.strip().lower(), name.strip())
         if name not in available:
@@ -65,6 +71,15 @@ def resolve_providers(providers: Sequence[ProviderSpec] | str | None) -> list[Pr
     if "CPUExecutionProvider" not in [p if isinstance(p, str) else p[0] for p in out]:
         out.append("CPUExecutionProvider")  # for the ops another provider does not implement
     return out
+
+
+@dataclass(frozen=True)
+class _State:
+    """Everything a patch set decides, swapped as one reference so readers never see half of it."""
+
+    matrices: dict[str, np.ndarray]  # current projection matrices (graph + baked + hot patches)
+    forms: dict[str, np.ndarray]  # the same as float32 ``M`` of ``embeddings = features @ M``
+    sessions: dict[str, Any]  # per tower; rebuilt only for towers that cannot re-project
 
 
 class OnnxBackend(Backend):
@@ -87,7 +102,7 @@ class OnnxBackend(Backend):
         self.logit_scale = manifest.logit_scale
         self.baked = tuple(p["digest"] for p in manifest.patches)
         self.providers = resolve_providers(providers)
-        self.threads = threads
+        self.threads = check_threads(threads)
         self._graphs = {name: self._open_graph(name) for name in manifest.towers}
         self._graph_matrices: dict[str, np.ndarray] = {}
         self._bias: dict[str, np.ndarray | None] = {}
@@ -102,13 +117,13 @@ class OnnxBackend(Backend):
             self._graph_matrices[target] = matrix
             self._bias[target] = self._read(graph, proj.bias).astype(np.float32) if proj.bias else None
         self.targets = {t: TargetInfo(tuple(p.shape), p.base, p.layout) for t, p in manifest.projections.items()}
-        self._matrices = dict(self._graph_matrices)  # current state: graph (+ baked) + hot patches
-        self._forms = self._feature_forms(self._matrices)
         self._matmul = self._projector()
-        self._sessions = {name: self._session(name, {}) for name in manifest.towers}
+        self._state = _State(dict(self._graph_matrices), self._feature_forms(self._graph_matrices),
+                             {name: self._session(name, {}) for name in manifest.towers})
         self._preprocess = Preprocessor(manifest.preprocess) if "image" in manifest.towers else None
         self._tokenizer = TextTokenizer(self.directory, manifest.tokenizer) if "text" in manifest.towers else None
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._text_cache_lock = threading.Lock()
 
     # -- loading ---------------------------------------------------------------------
 
@@ -143,19 +158,20 @@ class OnnxBackend(Backend):
         if self.threads:
             options.intra_op_num_threads = int(self.threads)
             options.inter_op_num_threads = 1
-        keep = []
+        keep = []  # the arrays and OrtValues handed to add_initializer must outlive the session
         for name, value in overrides.items():
             if name not in self._graphs[tower].initializers:  # onnxruntime would silently ignore it
                 raise ForgetpackError(f"{spec.file}: has no initializer {name!r} to replace")
             value = np.ascontiguousarray(value)
-            keep.append(value)
-            options.add_initializer(name, ort.OrtValue.ortvalue_from_numpy(value))
+            ort_value = ort.OrtValue.ortvalue_from_numpy(value)
+            keep += [value, ort_value]
+            options.add_initializer(name, ort_value)
         path = self.directory / spec.file
         try:
             session = ort.InferenceSession(str(path), options, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ForgetpackError(f"{path}: onnxruntime cannot load it ({' '.join(str(exc).split())[:300]})") from None
-        session._forgetpack_keep = keep  # the initializers must outlive the session
+        session._forgetpack_keep = (options, keep)  # freed with the session, never before (a freed one segfaults)
         wanted = [p if isinstance(p, str) else p[0] for p in self.providers]
         missing = [p for p in wanted if p not in session.get_providers()]
         if missing:
@@ -199,56 +215,62 @@ class OnnxBackend(Backend):
         options.log_severity_level = 3
         return ort.InferenceSession(matmul_graph(), options, providers=["CPUExecutionProvider"])
 
-    def _project(self, target: str, features: np.ndarray) -> np.ndarray:
+    def _project(self, state: _State, target: str, features: np.ndarray) -> np.ndarray:
         if len(features) == 0:
-            return np.zeros((0, self._forms[target].shape[1]), np.float32)
-        (out,) = self._matmul.run(None, {"x": np.ascontiguousarray(features, dtype=np.float32), "w": self._forms[target]})
+            return np.zeros((0, state.forms[target].shape[1]), np.float32)
+        (out,) = self._matmul.run(None, {"x": np.ascontiguousarray(features, dtype=np.float32), "w": state.forms[target]})
         bias = self._bias[target]
         return out + bias if bias is not None else out
 
-    def _run(self, tower: str, batch: np.ndarray) -> np.ndarray:
+    def _run(self, state: _State, tower: str, batch: np.ndarray) -> np.ndarray:
         spec = self.manifest.towers[tower]
         target = self._reprojects(tower)
         output = spec.features if target is not None else spec.embeddings
-        (result,) = self._sessions[tower].run([output], {spec.input: batch})
+        (result,) = state.sessions[tower].run([output], {spec.input: batch})
         return result
 
     def encode_images(self, images: Sequence[Any]) -> np.ndarray:
         self._require("image")
-        chunks = [self._run("image", np.stack([self._preprocess(im) for im in images[i : i + IMAGE_BATCH]]))
+        state = self._state  # one patch state for the whole call
+        chunks = [self._run(state, "image", np.stack([self._preprocess(im) for im in images[i : i + IMAGE_BATCH]]))
                   for i in range(0, len(images), IMAGE_BATCH)]
         out = np.concatenate(chunks) if chunks else np.zeros((0, self.manifest.embed_dim), np.float32)
         target = self._reprojects("image")
-        return self._project(target, out) if target is not None else out
+        return self._project(state, target, out) if target is not None else out
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        state = self._state
         target = self._reprojects("text")
         if target is None:  # no cache: embeddings depend on the (possibly rebuilt) session
             self._require("text")
-            chunks = [self._run("text", self._tokenizer(list(texts[i : i + TEXT_BATCH]))) for i in range(0, len(texts), TEXT_BATCH)]
+            chunks = [self._run(state, "text", self._tokenizer(list(texts[i : i + TEXT_BATCH])))
+                      for i in range(0, len(texts), TEXT_BATCH)]
             return np.concatenate(chunks) if chunks else np.zeros((0, self.manifest.embed_dim), np.float32)
-        return self._project(target, self.text_features(texts))
+        return self._project(state, target, self.text_features(texts))
 
     def text_features(self, texts: Sequence[str]) -> np.ndarray:
         """Pre-projection text features ``[n, width]`` (the graph's ``features`` output), cached per text."""
         self._require("text")
         if self.manifest.towers["text"].features is None:
             raise ForgetpackError(f"{self.directory}: the text graph has no features output")
-        todo = list(dict.fromkeys(t for t in texts if t not in self._text_cache))
         spec = self.manifest.towers["text"]
-        for i in range(0, len(todo), TEXT_BATCH):
-            chunk = todo[i : i + TEXT_BATCH]
-            (rows,) = self._sessions["text"].run([spec.features], {spec.input: self._tokenizer(chunk)})
-            for text, row in zip(chunk, rows, strict=True):
-                self._text_cache[text] = row
         if not texts:
             return np.zeros((0, self.targets[spec.projection].shape[0 if self.targets[spec.projection].layout == "in_out" else 1]), np.float32)
-        features = np.stack([self._text_cache[t] for t in texts])
-        for text in texts:
-            self._text_cache.move_to_end(text)
-        while len(self._text_cache) > TEXT_CACHE_SIZE:
-            self._text_cache.popitem(last=False)
-        return features
+        with self._text_cache_lock:
+            found = {t: self._text_cache[t] for t in texts if t in self._text_cache}
+        todo = list(dict.fromkeys(t for t in texts if t not in found))
+        session = self._state.sessions["text"]  # features do not depend on patches: any state's session
+        for i in range(0, len(todo), TEXT_BATCH):
+            chunk = todo[i : i + TEXT_BATCH]
+            (rows,) = session.run([spec.features], {spec.input: self._tokenizer(chunk)})
+            found.update(zip(chunk, rows, strict=True))
+        with self._text_cache_lock:  # LRU bookkeeping under a lock: concurrent callers never race an eviction
+            for text in texts:
+                self._text_cache[text] = found[text]
+                self._text_cache.move_to_end(text)
+            while len(self._text_cache) > TEXT_CACHE_SIZE:
+                self._text_cache.popitem(last=False)
+        return np.stack([found[t] for t in texts])
 
     def _require(self, tower: str) -> None:
         if tower not in self.manifest.towers:
@@ -257,22 +279,21 @@ class OnnxBackend(Backend):
     @property
     def matrices(self) -> dict[str, np.ndarray]:
         """Copies of the current projection matrices (graph state plus hot-applied patches)."""
-        return {name: m.copy() for name, m in self._matrices.items()}
+        return {name: m.copy() for name, m in self._state.matrices.items()}
 
     # -- patches ---------------------------------------------------------------------
 
     def set_patches(self, patches: Sequence[Patch]) -> None:
         matrices = apply_in_order(self._graph_matrices, patches, self.targets, model=self.model_id, applied=self.baked)
-        sessions = dict(self._sessions)
+        old = self._state
+        sessions = dict(old.sessions)
         for tower in self.manifest.towers:
             target = self.manifest.towers[tower].projection
             if target is None or self._reprojects(tower) is not None:
                 continue
-            changed = not np.array_equal(matrices[target], self._matrices[target])
-            if changed:  # fallback: rebuild this tower's session with the patched initializer
+            if not np.array_equal(matrices[target], old.matrices[target]):
+                # fallback: rebuild this tower's session with the patched initializer
                 overrides = {} if np.array_equal(matrices[target], self._graph_matrices[target]) else {
                     self.manifest.projections[target].initializer: matrices[target]}
                 sessions[tower] = self._session(tower, overrides)
-        self._forms = self._feature_forms(matrices)
-        self._matrices = matrices
-        self._sessions = sessions
+        self._state = _State(matrices, self._feature_forms(matrices), sessions)  # one atomic swap

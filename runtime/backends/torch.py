@@ -17,7 +17,7 @@ import numpy as np
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.fit import TargetInfo, apply_in_order, targets_of
 from forgetpack.format.patch import Patch
-from runtime.backends import Backend
+from runtime.backends import Backend, check_threads
 
 BATCH = 64
 
@@ -39,8 +39,8 @@ class TorchBackend(Backend):
             loaded = source  # an already loaded forgetpack.engine.models.LoadedModel (shared: patches change it)
         else:
             loaded = load_model(_spec(source), device=device or _device(providers))
-        if threads:
-            torch.set_num_threads(int(threads))
+        if check_threads(threads):
+            torch.set_num_threads(threads)
         self.device = str(next(loaded.model.parameters()).device)
         self.model_id = loaded.model_id
         self.model = loaded.model.eval()

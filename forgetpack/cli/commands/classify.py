@@ -42,7 +42,7 @@ def classify(source: str, images: tuple[str, ...], labels_text: str, templates: 
     import runtime
 
     labels = _labels(labels_text)
-    options = {"threads": threads} if threads else {}
+    options = {"threads": threads} if threads is not None else {}
     model = runtime.load(source, backend=backend, providers=list(providers) or None, trusted_keys=list(keys) or None, **options)
     for p in patches:
         model.apply_patch(p)
