@@ -16,8 +16,8 @@ from forgetpack.cli.render import echo, key_value_table, print_json, show, warn
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.fileio import check_output_file
 
-PATCH = click.Path(dir_okay=False, path_type=Path)
-FILE = click.Path(dir_okay=False, path_type=Path)
+PATCH = click.Path(path_type=Path)  # checked by the reader: one line saying what the path is
+FILE = click.Path(path_type=Path)
 JSON = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 KEYS = click.option("--key", "keys", multiple=True, type=FILE,
                     help="Accept only patches signed by one of these public keys (repeatable).")
