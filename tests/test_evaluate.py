@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from forgetpack.cli import main
-from forgetpack.cli.report import logged_warnings_on_stderr
+from forgetpack.cli.render import library_warnings
 from forgetpack.evaluation import clip_benchmark
 from forgetpack.evaluation import metrics as ev
 from forgetpack.evaluation.datasets import DIGIT_NAMES, LabeledImages, load_dataset
@@ -156,7 +156,7 @@ def test_loader_warnings_reach_stderr_through_logging(tmp_path, capsys):
     (tmp_path / "cats").mkdir()
     Image.new("RGB", (4, 4)).save(tmp_path / "cats" / "a.png")
     (tmp_path / "cats" / "broken.png").write_bytes(b"not a png")
-    with logged_warnings_on_stderr():
+    with library_warnings():
         data = load_dataset(f"imagefolder:{tmp_path}")
     assert len(data.skipped) == 1
     assert capsys.readouterr().err.startswith(f"warning: skipped unreadable image {tmp_path / 'cats' / 'broken.png'}")

@@ -3,7 +3,9 @@ code paths, reaches its accuracy bars on the held-out sets, and drives the eval 
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
 import subprocess
 import sys
 
@@ -13,6 +15,8 @@ import pytest
 from forgetpack import mini
 from forgetpack.cli import main
 from forgetpack.evaluation import harness as ev
+from forgetpack.evaluation import image_cache
+from forgetpack.evaluation.datasets import load_dataset
 from forgetpack.format.errors import ForgetpackError
 
 pytestmark = pytest.mark.slow
@@ -89,20 +93,55 @@ def test_heldout_accuracy_bars(base_report, name):
     assert base_report.base[name].acc1 >= BARS[name]
 
 
-def test_image_embeddings_are_cached(loaded, tmp_path, monkeypatch):
-    from forgetpack.evaluation.datasets import load_dataset
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A fresh disk cache folder and an empty in-process cache."""
+    monkeypatch.setenv("FORGETPACK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(image_cache, "_MEMORY_CACHE", {})
+    return tmp_path / "cache" / image_cache.CACHE_KIND
 
-    monkeypatch.setenv(ev.CACHE_ENV, str(tmp_path))
-    monkeypatch.setattr(ev, "_MEMORY_CACHE", {})
+
+def _count_encodings(loaded, monkeypatch) -> list[int]:
+    """Record each call of the vision tower (still encoding for real)."""
+    calls: list[int] = []
+    encode = loaded.model.encode_image
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "encode_image", counted)
+    return calls
+
+
+def test_image_embeddings_are_cached(loaded, cache, monkeypatch):
     data = load_dataset("digits")
-    first = ev.encode_images(loaded, data)
-    files = list((tmp_path / "image-embeddings").glob("*.npy"))
+    first = image_cache.encode_images(loaded, data)
+    files = list(cache.glob("*.safetensors"))
     assert len(files) == 1
-    monkeypatch.setattr(ev, "_MEMORY_CACHE", {})
-    calls = []
-    monkeypatch.setattr(loaded.model, "encode_image", lambda *a, **k: calls.append(1))
-    assert np.array_equal(ev.encode_images(loaded, data), first)  # from disk, no encoding
+    monkeypatch.setattr(image_cache, "_MEMORY_CACHE", {})
+    calls = _count_encodings(loaded, monkeypatch)
+    assert np.array_equal(image_cache.encode_images(loaded, data), first)  # from disk, no encoding
     assert not calls
+
+    files[0].write_bytes(b"damaged")  # a damaged entry is a miss: recomputed and rewritten
+    monkeypatch.setattr(image_cache, "_MEMORY_CACHE", {})
+    assert np.array_equal(image_cache.encode_images(loaded, data), first)
+    assert calls and files[0].stat().st_size > 1000
+
+
+def test_image_cache_off_writes_nothing(loaded, cache, monkeypatch):
+    monkeypatch.setenv("FORGETPACK_CACHE", "off")
+    image_cache.encode_images(loaded, load_dataset("digits"))
+    assert not cache.parent.exists()
+
+
+def test_image_cache_write_failure_is_logged(loaded, cache, monkeypatch, caplog):
+    cache.parent.write_text("a file where the cache folder should be")
+    with caplog.at_level(logging.WARNING, logger=image_cache.__name__):
+        features = image_cache.encode_images(loaded, load_dataset("digits"))
+    assert features.shape[0] == 500
+    assert any("cannot write the image-embedding cache" in r.getMessage() for r in caplog.records)
 
 
 def _antipode_patch(loaded, classname: str, template: str):
@@ -138,16 +177,28 @@ def test_patched_path_end_to_end(loaded, tmp_path, capsys):
     assert report.patched["letters"].acc1 > 0.5
     assert not np.isnan(report.score) and "averaged over 3 terms" in score.note
 
-    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
-    code = main(["eval", "mini", "--patch", str(path), "--forget", "seven", "--dataset", "mnist",
-                 "--dataset", "letters", "--json", str(out_json), "--plot", str(out_png)])  # fmt: skip
+    out_json, out_png, out_cb = tmp_path / "r.json", tmp_path / "r.png", tmp_path / "cb"
+    code = main(["eval", "mini", "--patch", str(path), "--forget", "seven", "--dataset", "mnist", "--dataset", "letters",
+                 "-o", str(out_json), "--plot", str(out_png), "--clip-benchmark", str(out_cb)])  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
     assert "seven (forgotten)" in printed and "S[mnist]" in printed
     data = json.loads(out_json.read_text())
     assert data["forgetting"]["mnist"]["forget_acc"]["patched"] < 0.05
     assert {r["dataset"] for r in data["results"]} == {"mnist", "letters"}
+    assert data["patch_digests"] == [patch.digest]
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # clip_benchmark's own build aggregates our result files into its CSV.
+    out_csv = tmp_path / "benchmark.csv"
+    subprocess.run([sys.executable, "-m", "clip_benchmark.cli", "build", str(out_cb), "--output", str(out_csv)],
+                   check=True, capture_output=True)  # fmt: skip
+    with out_csv.open(newline="") as handle:
+        rows = {(r["dataset"], r["pretrained"].split(":")[0]): float(r["acc1"]) for r in csv.DictReader(handle)}
+    assert set(rows) == {(d, v) for d in ("mnist", "letters") for v in ("base", "patched")}
+    for dataset, variant in rows:
+        result = (report.base if variant == "base" else report.patched)[dataset]
+        assert rows[(dataset, variant)] == pytest.approx(result.acc1)
 
 
 @pytest.mark.parametrize("forget", [["seven"], ["one", "four", "seven"]])
@@ -155,13 +206,13 @@ def test_forget_then_eval_on_real_images(forget, tmp_path, capsys):
     """The README's first command, through the CLI: the engine's default patch (no images)
     takes the forgotten digits to ≤ 1% on both real digit sets while the other digits and the
     letters stay within 1 pt of the base (the evaluation issue's acceptance bounds)."""
-    patch, report = tmp_path / "p.fpatch.safetensors", tmp_path / "r.json"
+    patch = tmp_path / "p.fpatch.safetensors"
     names = [arg for name in forget for arg in ("--forget", name)]
     assert main(["forget", "mini", *names, "-o", str(patch)]) == 0
-    assert main(["eval", "mini", "--patch", str(patch), *names, "--dataset", "mnist", "--dataset", "digits",
-                 "--dataset", "letters", "--json", str(report)]) == 0  # fmt: skip
     capsys.readouterr()
-    data = json.loads(report.read_text())["forgetting"]
+    assert main(["eval", "mini", "--patch", str(patch), *names, "--dataset", "mnist", "--dataset", "digits",
+                 "--dataset", "letters", "--json"]) == 0  # fmt: skip
+    data = json.loads(capsys.readouterr().out)["forgetting"]  # --json: the report alone on stdout, no table
     for name in ("mnist", "digits"):
         forget_acc, retain_acc = data[name]["forget_acc"], data[name]["retain_acc"]
         assert forget_acc["base"] > 0.95 and forget_acc["patched"] <= 0.01, (name, forget_acc)

@@ -15,7 +15,7 @@ A solve the engine cannot verify in text space (it would refuse to write that pa
 measured anyway, unverified, so that baselines such as ``nullspace`` still get numbers.
 
     python tools/eval_digits.py                          # all solvers, markdown table
-    python tools/eval_digits.py --solver closed-form --json /tmp/sweep.json
+    python tools/eval_digits.py --solver closed-form -o /tmp/sweep.json
 
 It ends with stacked versus composed two-digit patches (look-alike pairs such as one + seven):
 stacking adds two deltas solved alone, composing re-solves both requests together.
@@ -39,6 +39,7 @@ from forgetpack.engine.solvers import SOLVERS  # noqa: E402
 from forgetpack.evaluation.datasets import DIGIT_NAMES  # noqa: E402
 from forgetpack.evaluation.harness import evaluate  # noqa: E402
 from forgetpack.format.errors import ForgetpackError  # noqa: E402
+from forgetpack.format.fileio import check_output_file, write_bytes_atomic  # noqa: E402
 from forgetpack.format.patch import stack  # noqa: E402
 
 SETS = ("mnist", "digits", "letters")
@@ -114,8 +115,10 @@ def main() -> None:
     parser.add_argument("--target", help="forget target (default: the engine's)")
     parser.add_argument("--digits", nargs="*", default=list(DIGIT_NAMES), help="single-digit runs (default: all ten)")
     parser.add_argument("--no-pairs", action="store_true", help="skip stacked vs composed two-digit patches")
-    parser.add_argument("--json", type=Path, help="write every row here")
+    parser.add_argument("-o", "--output", type=Path, help="write every row here as JSON")
     args = parser.parse_args()
+    if args.output:
+        check_output_file(args.output, "JSON results")
     solvers = args.solver or [DEFAULT_SOLVER, *sorted(s for s in SOLVERS if s != DEFAULT_SOLVER)]
 
     loaded = load_model("mini")
@@ -135,8 +138,8 @@ def main() -> None:
               f"{max(r['worst_forget'] for r in mine):.1%} | {100 * max(r['worst_drop'] for r in mine):.1f} | "
               f"{sum(r['mnist']['S'] for r in mine) / len(mine):.4f} | {sum(r['digits']['S'] for r in mine) / len(mine):.4f} |")
     pairs = [] if args.no_pairs else stacked_vs_composed(loaded, PAIRS)
-    if args.json:
-        args.json.write_text(json.dumps({"runs": rows, "stacked_vs_composed": pairs}, indent=2))
+    if args.output:
+        write_bytes_atomic(args.output, json.dumps({"runs": rows, "stacked_vs_composed": pairs}, indent=2).encode())
 
 
 if __name__ == "__main__":

@@ -1,39 +1,23 @@
-"""How ``forgetpack eval`` shows an evaluation report: rich tables, a PNG chart, logged warnings.
+"""How ``forgetpack eval`` shows an evaluation report: rich tables and a PNG chart.
 
-The evaluation library returns data only; everything printed or drawn about it is here.
-matplotlib and rich are imported inside the functions that need them.
+The evaluation library returns data only; everything printed or drawn about it is here, and
+every text goes through ``forgetpack.cli.render`` (class names and dataset names come from
+users). matplotlib is imported inside the function that draws.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
-import logging
 import math
-import sys
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from forgetpack.cli.render import Table, escape
 from forgetpack.cli.render import console as verbatim_console
 
 if TYPE_CHECKING:
     from forgetpack.evaluation.harness import EvalReport
-
-
-@contextlib.contextmanager
-def logged_warnings_on_stderr(logger: str = "forgetpack") -> Iterator[None]:
-    """While a command runs, show the library's logged warnings as ``warning: <message>`` lines on stderr."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setLevel(logging.WARNING)
-    handler.setFormatter(logging.Formatter("warning: %(message)s"))
-    target = logging.getLogger(logger)
-    target.addHandler(handler)
-    try:
-        yield
-    finally:
-        target.removeHandler(handler)
 
 
 def _pct(value: float) -> str:
@@ -58,9 +42,7 @@ def _title(report: EvalReport) -> str:
 
 def _accuracy_table(title: str, first: list[str], has_patch: bool) -> Any:
     """A table with the ``first`` columns, then base % (and patched % and its change)."""
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
+    table = Table(title=title)
     for name in first:
         table.add_column(name, justify="right" if name == "n" else "left")
     table.add_column("base %", justify="right")
@@ -85,7 +67,7 @@ def render_table(report: EvalReport, console: Any = None, per_class: bool | None
     for name, score in report.scores.items():
         if not math.isnan(score.score):
             terms = ", ".join(f"{k} {v:.3f}" for k, v in score.terms.items())
-            console.print(f"S[{name}] = {score.score:.4f}  ({terms}){'; ' + score.note if score.note else ''}")
+            console.print(escape(f"S[{name}] = {score.score:.4f}  ({terms}){'; ' + score.note if score.note else ''}"))
     if len(report.scores) > 1 and not math.isnan(report.score):
         console.print(f"S = {report.score:.4f} (mean over {len(report.scores)} datasets holding forgotten classes)")
     for name in report.base:

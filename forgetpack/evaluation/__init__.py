@@ -1,1 +1,1 @@
-"""Measuring forgetting on real images: datasets, metrics, the image-embedding cache, the harness."""
+"""Measuring forgetting on real images: datasets, metrics, the image-embedding cache, the harness, CLIP_benchmark results."""

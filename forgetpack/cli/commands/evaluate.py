@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from forgetpack.format.errors import ForgetpackError
+from forgetpack.cli.render import echo, print_json, warn
 from forgetpack.format.fileio import check_output_dir, check_output_file, write_bytes_atomic
 from forgetpack.format.names import split_names
 
@@ -18,11 +18,8 @@ OUT = click.Path(path_type=Path)  # checked before any work: one clear line, not
 
 
 def _write(path: Path, data: bytes) -> None:
-    try:
-        write_bytes_atomic(path, data)
-    except OSError as exc:
-        raise ForgetpackError(f"cannot write {path}: {exc}") from exc
-    click.echo(f"wrote {path}", err=True)
+    write_bytes_atomic(path, data)  # a failure is already one line naming the file
+    echo(f"wrote {path}", err=True)
 
 
 @click.command("eval")
@@ -61,7 +58,7 @@ def evaluate(
     Example:
       forgetpack eval mini --patch seven.fpatch --forget seven --dataset mnist --dataset letters
     """
-    from forgetpack.cli.report import logged_warnings_on_stderr, plot_png, render_table
+    from forgetpack.cli.report import plot_png, render_table
     from forgetpack.evaluation import clip_benchmark
     from forgetpack.evaluation.datasets import BUILTIN
     from forgetpack.evaluation.harness import evaluate as run_evaluation
@@ -72,30 +69,30 @@ def evaluate(
         check_output_file(plot_out, "plot")
     if clip_benchmark_dir is not None:
         check_output_dir(clip_benchmark_dir, replace=True)  # files of other runs there are kept
-    with logged_warnings_on_stderr():  # the dataset loader's (unreadable files, empty classes) and the cache's
-        report = run_evaluation(
-            model,
-            patches=list(patches),
-            forget=[n for n in split_names(forget) if n],
-            datasets=list(datasets) or list(BUILTIN),
-            templates=list(templates) or None,
-            device=device,
-            batch_size=batch_size,
-        )
+    # The loader's and the cache's logged warnings show up through forgetpack.cli.main.
+    report = run_evaluation(
+        model,
+        patches=list(patches),
+        forget=[n for n in split_names(forget) if n],
+        datasets=list(datasets) or list(BUILTIN),
+        templates=list(templates) or None,
+        device=device,
+        batch_size=batch_size,
+    )
     for name, n in report.skipped.items():
-        click.echo(f"warning: {name}: {n} unreadable image file(s) skipped", err=True)
+        warn(f"{name}: {n} unreadable image file(s) skipped")
 
-    text = json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n"
+    data = report.to_json()
     if as_json:
-        click.echo(text, nl=False)
+        print_json(data)
     else:
         render_table(report, per_class=per_class)
     if patches and not forget:
-        click.echo("note: no --forget given: reporting accuracies only, no forgetting score", err=True)
+        echo("note: no --forget given: reporting accuracies only, no forgetting score", err=True)
     if output is not None:
-        _write(output, text.encode("utf-8"))
+        _write(output, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     if plot_out is not None:
         _write(plot_out, plot_png(report))
     if clip_benchmark_dir is not None:
         for path in clip_benchmark.write_results(report, clip_benchmark_dir):
-            click.echo(f"wrote {path}", err=True)
+            echo(f"wrote {path}", err=True)
