@@ -44,12 +44,12 @@ def one_line_error(capsys, *args: object) -> str:
 def forged(path: Path, patch: Patch, **metadata: str) -> Path:
     """Write ``patch`` with metadata fields replaced and the digest recomputed: it reads as genuine
     as far as the digest goes, so only the content checks can refuse it."""
-    from forgetpack.format.patch import _digest
+    from forgetpack.format.metadata import digest
 
     tensors = patch.tensors()
     meta = {**patch.metadata(), **metadata}
     meta.pop("digest")
-    meta["digest"] = _digest(tensors, meta)
+    meta["digest"] = digest(tensors, meta)
     path.write_bytes(serialize({k: RawTensor.from_array(v) for k, v in tensors.items()}, meta))
     return path
 

@@ -14,12 +14,9 @@ This module imports numpy and safetensors only (never torch).
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
-import hashlib
 import json
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,17 +28,24 @@ from forgetpack import __version__
 from forgetpack.format.errors import PatchError
 from forgetpack.format.fileio import RawTensor, read_safetensors, save_safetensors, serialize
 from forgetpack.format.layer import LAYOUTS, Layer, Target, check_tensor, fingerprint
+from forgetpack.format.metadata import (
+    FORMAT,
+    UNSIGNED_KEYS,
+    VERSION,
+    check_fingerprints,
+    check_signature_fields,
+    decode,
+    describe,
+    dumps,
+)
+from forgetpack.format.metadata import digest as content_digest
 
 __all__ = ["FORMAT", "LAYOUTS", "Layer", "Patch", "Target", "VERSION", "describe", "display_name", "fingerprint",
            "read_patch", "stack"]
 
-FORMAT = "forgetpack.patch"
-VERSION = 1
 MAX_PATCH_BYTES = 32 * 1024 * 1024  # a patch is kilobytes; refuse to read giants
 MAX_LAYERS = 256  # stacking concatenates layers; more than this is no longer a patch
-FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 
-_UNSIGNED_KEYS = ("digest", "signature", "key_id")
 
 
 @dataclass(frozen=True)
@@ -145,19 +149,19 @@ class Patch:
                 "format": FORMAT,
                 "format_version": str(VERSION),
                 "model": self.model,
-                "targets": _dumps({n: t.to_json() for n, t in self.targets.items()}),
-                "layers": _dumps([{"target": lay.target, "kind": lay.kind, "rank": lay.rank} for lay in self.layers]),
-                "base": _dumps(self.base),
-                "parent": _dumps(self.parent),
-                "result": _dumps(self.result),
-                "recipe": _dumps(self.recipe),
-                "effect": _dumps(self.effect),
-                "components": _dumps(list(self.components)),
+                "targets": dumps({n: t.to_json() for n, t in self.targets.items()}),
+                "layers": dumps([{"target": lay.target, "kind": lay.kind, "rank": lay.rank} for lay in self.layers]),
+                "base": dumps(self.base),
+                "parent": dumps(self.parent),
+                "result": dumps(self.result),
+                "recipe": dumps(self.recipe),
+                "effect": dumps(self.effect),
+                "components": dumps(list(self.components)),
                 "created": self.created,
                 "tool": self.tool,
             }
         )
-        meta["digest"] = _digest(self.tensors(), meta)
+        meta["digest"] = content_digest(self.tensors(), meta)
         if self.signature is not None:
             meta["signature"] = self.signature
             meta["key_id"] = self.key_id or ""
@@ -190,7 +194,7 @@ class Patch:
                 raise PatchError(f"{where}target {name!r} has invalid shape {list(target.shape)}")
             if name not in self.base:
                 raise PatchError(f"{where}target {name!r} has no base fingerprint")
-        self._check_fingerprints(where)
+        check_fingerprints(where, self.targets, base=self.base, parent=self.parent, result=self.result)
         if len(self.layers) > MAX_LAYERS:
             raise PatchError(f"{where}patch has {len(self.layers)} layers (at most {MAX_LAYERS})")
         if not all(isinstance(c, dict) for c in self.components):
@@ -213,37 +217,11 @@ class Patch:
         if unused:
             raise PatchError(f"{where}targets declared but never changed: {sorted(unused)}")
 
-    def _check_fingerprints(self, where: str) -> None:
-        """``base`` and ``parent`` name exactly the targets, ``result`` some of them, each with a sha256."""
-        for key, value, exact in (("base", self.base, True), ("parent", self.parent, True), ("result", self.result, False)):
-            if value is None:
-                continue
-            if not all(isinstance(k, str) and isinstance(v, str) and FINGERPRINT.fullmatch(v) for k, v in value.items()):
-                raise PatchError(f"{where}metadata {key!r} must map target names to sha256 fingerprints")
-            names = set(value)
-            if (names != set(self.targets)) if exact else not names <= set(self.targets):
-                raise PatchError(f"{where}metadata {key!r} names {sorted(names)}, but the patch changes {sorted(self.targets)}")
 
 
 def display_name(patch: Patch) -> str:
     """How every message names a patch: its file, or the start of its digest when it has none."""
     return str(patch.source) if patch.source is not None else f"{patch.digest[:23]}…"
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _digest(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> str:
-    """sha256 over every tensor (name, dtype, shape, bytes) and the unsigned metadata."""
-    h = hashlib.sha256(b"forgetpack.patch.digest.v1\n")
-    for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
-        h.update(f"{name}|{array.dtype.str}|{list(array.shape)}\n".encode())
-        h.update(array.tobytes())
-    unsigned = {k: v for k, v in metadata.items() if k not in _UNSIGNED_KEYS}
-    h.update(_dumps(unsigned).encode())
-    return "sha256:" + h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- reading
@@ -314,7 +292,7 @@ def _parse(path: Path, raw: Mapping[str, RawTensor], meta: Mapping[str, str]) ->
         absent = [n for n in names if n not in raw]
         if absent:
             raise PatchError(f"{path}: missing tensor {absent[0]}")
-        arrays = [_decode(path, n, raw[n]) for n in names]
+        arrays = [decode(path, n, raw[n]) for n in names]
         layer = Layer(target, dense=arrays[0]) if kind == "dense" else Layer(target, up=arrays[0], down=arrays[1])
         if kind == "lowrank" and layer.up.ndim == 2 and layer.rank != spec.get("rank"):
             raise PatchError(f"{path}: layer {i} declares rank {spec.get('rank')} but stores {layer.rank}")
@@ -325,7 +303,7 @@ def _parse(path: Path, raw: Mapping[str, RawTensor], meta: Mapping[str, str]) ->
 
     known = {
         "format", "format_version", "model", "targets", "layers", "base", "parent", "result", "recipe",
-        "effect", "components", "created", "tool", *_UNSIGNED_KEYS,
+        "effect", "components", "created", "tool", *UNSIGNED_KEYS,
     }  # fmt: skip
     base = load("base", dict)
     patch = Patch(
@@ -346,34 +324,12 @@ def _parse(path: Path, raw: Mapping[str, RawTensor], meta: Mapping[str, str]) ->
         source=path,
     )
     patch.validate()
-    _check_signature_fields(path, patch)
-    unsigned = {k: v for k, v in meta.items() if k not in _UNSIGNED_KEYS}
-    actual = _digest(patch.tensors(), unsigned)
+    check_signature_fields(path, patch)
+    unsigned = {k: v for k, v in meta.items() if k not in UNSIGNED_KEYS}
+    actual = content_digest(patch.tensors(), unsigned)
     if actual != meta["digest"]:
         raise PatchError(f"{path}: content digest mismatch (file says {meta['digest'][:23]}…, content is {actual[:23]}…): the patch was modified")
     return patch
-
-
-def _check_signature_fields(path: Path, patch: Patch) -> None:
-    """Signature fields are outside the digest: check at least their form on every read."""
-    if patch.signature is None and patch.key_id is None:
-        return
-    try:
-        raw = base64.b64decode(patch.signature or "", validate=True)
-    except ValueError:
-        raw = b""
-    if len(raw) != 64:
-        raise PatchError(f"{path}: malformed signature (expected 64 base64-encoded bytes)")
-    if not re.fullmatch(r"[0-9a-f]{16}", patch.key_id or ""):
-        raise PatchError(f"{path}: malformed key id {patch.key_id!r}")
-
-
-def _decode(path: Path, name: str, tensor: RawTensor) -> np.ndarray:
-    if tensor.dtype != "F32":
-        raise PatchError(f"{path}: tensor {name} has dtype {tensor.dtype}, expected F32")
-    if len(tensor.shape) != 2:
-        raise PatchError(f"{path}: tensor {name} has shape {list(tensor.shape)}, expected a matrix")
-    return tensor.to_array()
 
 
 # ---------------------------------------------------------------------------- stacking
@@ -431,16 +387,3 @@ def stack(patches: Sequence[Patch]) -> Patch:
         components=tuple(components),
         created=max(p.created for p in patches),
     )
-
-
-def describe(patch: Patch) -> dict[str, Any]:
-    """The decoded metadata of a patch, for ``inspect --json``."""
-    meta = patch.metadata()
-    out: dict[str, Any] = {}
-    for key, value in meta.items():
-        try:
-            out[key] = json.loads(value) if key in ("targets", "layers", "base", "parent", "result", "recipe", "effect", "components") else value
-        except json.JSONDecodeError:
-            out[key] = value
-    out["size_bytes"] = patch.source.stat().st_size if patch.source and patch.source.exists() else len(patch.to_bytes())
-    return out

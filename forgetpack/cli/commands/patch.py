@@ -46,7 +46,7 @@ def _short(value: Any, limit: int = 300) -> str:
 @JSON
 def inspect(patch: Path, as_json: bool) -> None:
     """Summarise a patch: targets, base, recipe, measured effect."""
-    from forgetpack.format.patch import describe
+    from forgetpack.format.metadata import describe
 
     p = _read(patch)
     info = describe(p)
