@@ -134,7 +134,7 @@ def test_hot_swapped_patch_equals_baked_equals_torch(tmp_path_factory, loaded, o
         np.testing.assert_array_equal(hot, predictions(onnx_model, images, classnames, templates))  # end to end
         seven = classnames.index("seven")
         assert w_hot[:, seven] @ base_weights[:, seven] < -0.9  # the patch really moved "seven"
-        with pytest.raises(PatchError, match="already baked"):
+        with pytest.raises(PatchError, match="already applied"):  # baked in counts as applied
             baked.apply_patch(patch)
         with pytest.raises(PatchError, match="baked into the export"):
             baked.remove_patch(patch)

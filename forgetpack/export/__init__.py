@@ -48,18 +48,14 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_OPSET", "PARITY_TOLERANCE", "export", "export_loaded", "preprocess_settings", "quantize_export"]
 
 DEFAULT_OPSET = 18
+PathLike = str | os.PathLike[str]
+Patches = Sequence[PathLike | Patch]  # files or loaded patches, baked in this order
+Progress = Callable[[str], None]  # receives one line per step
 SIDES = {"image": "visual", "text": "text"}  # tower name in the export -> projections registry side
 
 
-def export(
-    spec: str,
-    out: str | os.PathLike[str],
-    patches: Sequence[str | os.PathLike[str] | Patch] = (),
-    quantize: str | None = None,
-    opset: int = DEFAULT_OPSET,
-    force: bool = False,
-    progress: Callable[[str], None] | None = None,
-) -> Manifest:
+def export(spec: str, out: PathLike, patches: Patches = (), quantize: str | None = None, opset: int = DEFAULT_OPSET,
+           force: bool = False, progress: Progress | None = None) -> Manifest:
     """Load ``spec`` (see forgetpack.engine.models), bake ``patches`` in, export to ``out``.
 
     ``progress`` receives a line per step (the library itself never prints).
@@ -71,16 +67,9 @@ def export(
     return export_loaded(loaded, out, patches, quantize=quantize, opset=opset, force=force, progress=progress)
 
 
-def export_loaded(
-    loaded: LoadedModel,
-    out: str | os.PathLike[str],
-    patches: Sequence[str | os.PathLike[str] | Patch] = (),
-    quantize: str | None = None,
-    opset: int = DEFAULT_OPSET,
-    force: bool = False,
-    progress: Callable[[str], None] | None = None,
-    towers: Sequence[str] = ("image", "text"),
-) -> Manifest:
+def export_loaded(loaded: LoadedModel, out: PathLike, patches: Patches = (), quantize: str | None = None,
+                  opset: int = DEFAULT_OPSET, force: bool = False, progress: Progress | None = None,
+                  towers: Sequence[str] = ("image", "text")) -> Manifest:
     """Export an already loaded model. The model is left as it was (patches are undone).
 
     ``towers`` limits the export to some towers (a text-only export serves ``encode_text``).
@@ -103,7 +92,7 @@ def export_loaded(
     patched = apply_in_order(base, baked, targets, model=f"this export of {loaded.model_id}")
     base_fps = {n: fingerprint(m) for n, m in base.items()}
     current_fps = {n: fingerprint(m) for n, m in patched.items()}
-    export_id = _export_id(loaded.model_id, base_fps, current_fps, baked, quantize, opset)
+    graph_id = _graph_id(loaded.model_id, base_fps, current_fps, baked, quantize, opset)
     preprocess = preprocess_settings(loaded.preprocess)
     examples, embed_dim = example_inputs(loaded, preprocess["size"])
     specs: dict[str, Tower] = {}
@@ -114,7 +103,7 @@ def export_loaded(
             report(f"exporting the {tower} tower ...")
             specs[tower], projections[proj.target], checks[tower] = export_tower(
                 model, tower, examples[tower], proj, base_fps[proj.target], current_fps[proj.target],
-                tmp / f"{tower}.onnx", opset, export_id,
+                tmp / f"{tower}.onnx", opset, graph_id,
             )
         if quantize == "int8":
             for tower, spec in specs.items():
@@ -126,7 +115,8 @@ def export_loaded(
             embed_dim=embed_dim,
             opset=opset,
             precision="int8" if quantize == "int8" else "fp32",
-            export_id=export_id,
+            export_id="",
+            graph_id=graph_id,
             towers=specs,
             projections=projections,
             preprocess=preprocess,
@@ -138,7 +128,7 @@ def export_loaded(
             tool=f"forgetpack {__version__}",
             versions=_versions(),
             export_check=checks,
-        )
+        ).seal()
         manifest.save(tmp)
     report(f"wrote {out}")
     return manifest
@@ -164,9 +154,9 @@ def _write_matrices(model: Any, matrices: Mapping[str, np.ndarray]) -> None:
             params[name].copy_(torch.from_numpy(value))
 
 
-def _export_id(model_id: str, base: dict[str, str], current: dict[str, str], patches: Sequence[Patch],
+def _graph_id(model_id: str, base: dict[str, str], current: dict[str, str], patches: Sequence[Patch],
                quantize: str | None, opset: int) -> str:
-    """A content id tying graphs to their manifest: same inputs, same id."""
+    """The id stamped into the graphs, tying them to their manifest: same inputs, same id."""
     data = {"model": model_id, "base": base, "current": current, "patches": [p.digest for p in patches],
             "quantize": quantize, "opset": opset}
     return "sha256:" + hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from forgetpack.format.errors import ForgetpackError
-from forgetpack.format.manifest import EXPORT_ID_KEY, Projection, Tower
+from forgetpack.format.manifest import GRAPH_ID_KEY, Projection, Tower
 from forgetpack.format.onnxfile import OnnxFile
 from forgetpack.format.patch import fingerprint
 
@@ -62,7 +62,7 @@ def export_tower(
     current_fp: str,
     path: Path,
     opset: int,
-    export_id: str,
+    graph_id: str,
 ) -> tuple[Tower, Projection, float]:
     """Write ``path`` and return its manifest entries and the measured ONNX-vs-torch difference.
 
@@ -87,7 +87,7 @@ def export_tower(
         )
     add_features_output(proto, node, matrix.shape[0] if proj.layout == "in_out" else matrix.shape[1])
     name_nodes(proto)
-    set_metadata(proto, {EXPORT_ID_KEY: export_id, "forgetpack.tower": tower})
+    set_metadata(proto, {GRAPH_ID_KEY: graph_id, "forgetpack.tower": tower})
     onnx.save_model(proto, str(path))
     reproject, check = _verify(path, module, example, input_name, proj, matrix, bias, tower)
     spec = Tower(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from forgetpack.export.graph import initializer, one_line, quiet, set_metadata
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.fileio import atomic_directory
-from forgetpack.format.manifest import EXPORT_ID_KEY, Manifest, Projection, Tower
+from forgetpack.format.manifest import GRAPH_ID_KEY, Manifest, Projection, Tower
 from forgetpack.format.patch import fingerprint
 
 if TYPE_CHECKING:
@@ -34,20 +34,20 @@ def quantize_export(src: str | os.PathLike[str], out: str | os.PathLike[str], fo
     if manifest.precision != "fp32":
         raise ForgetpackError(f"{src}: is already {manifest.precision}")
     manifest.precision = "int8"
-    manifest.export_id = "sha256:" + hashlib.sha256(f"{manifest.export_id}|int8".encode()).hexdigest()
+    manifest.graph_id = "sha256:" + hashlib.sha256(f"{manifest.graph_id}|int8".encode()).hexdigest()
     with atomic_directory(out, replace=force) as tmp:
         for tower in manifest.towers.values():
             shutil.copyfile(src / tower.file, tmp / tower.file)
-            quantize_tower(tmp / tower.file, tower, manifest.projections, {EXPORT_ID_KEY: manifest.export_id})
+            quantize_tower(tmp / tower.file, tower, manifest.projections, {GRAPH_ID_KEY: manifest.graph_id})
         shutil.copyfile(src / manifest.tokenizer["file"], tmp / manifest.tokenizer["file"])
-        manifest.save(tmp)
+        manifest.seal().save(tmp)
     return manifest
 
 
 def quantize_tower(path: Path, tower: Tower, projections: dict[str, Projection], metadata: dict[str, str] | None = None) -> None:
     """Dynamic int8 quantization of MatMul/Gemm weights, in place, projection excluded.
 
-    ``metadata`` is added to the graph's own (the int8 copy gets its own export id).
+    ``metadata`` is added to the graph's own (the int8 copy gets its own graph id).
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic

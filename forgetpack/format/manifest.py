@@ -7,6 +7,7 @@ shared by the exporter (torch side) and the runtime (torch-free), so the two can
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -17,9 +18,17 @@ from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.manifest_schema import validate_manifest
 
 FORMAT = "forgetpack.export"
-VERSION = 1
+VERSION = 2  # 2: graph_id ties graphs to the manifest; export_id is the hash of the manifest's content
 MANIFEST = "manifest.json"
-EXPORT_ID_KEY = "forgetpack.export_id"  # ONNX metadata_props key tying a graph to its manifest
+GRAPH_ID_KEY = "forgetpack.graph_id"  # ONNX metadata_props key tying a graph to its manifest
+# Fields that describe the run rather than the export: left out of the content hash.
+UNHASHED = ("export_id", "created", "tool", "versions", "export_check")
+
+
+def content_hash(data: dict[str, Any]) -> str:
+    """sha256 of a manifest's JSON without the fields that describe the run (``UNHASHED``)."""
+    content = {k: v for k, v in data.items() if k not in UNHASHED}
+    return "sha256:" + hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 @dataclass
@@ -61,7 +70,8 @@ class Manifest:
     embed_dim: int
     opset: int
     precision: str  # "fp32" | "int8"
-    export_id: str
+    export_id: str  # sha256 of the manifest's content (content_id): any edit shows
+    graph_id: str  # stamped into every graph of the export
     towers: dict[str, Tower]
     projections: dict[str, Projection]
     preprocess: dict[str, Any]
@@ -78,6 +88,15 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def content_id(self) -> str:
+        """The hash of everything the runtime relies on: what ``export_id`` must be."""
+        return content_hash(self.to_json())
+
+    def seal(self) -> Manifest:
+        """Set ``export_id`` from the content; call after the last change."""
+        self.export_id = self.content_id()
+        return self
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         path = Path(directory) / MANIFEST
@@ -113,6 +132,11 @@ class Manifest:
         for name, tower in manifest.towers.items():
             if tower.projection is not None and tower.projection not in manifest.projections:
                 raise ForgetpackError(f"{path}: tower {name!r} names projection {tower.projection!r}, which the manifest lacks")
+        if manifest.export_id != manifest.content_id():
+            raise ForgetpackError(f"{path}: the manifest was modified after export (its export id does not match its content)")
+        for target, proj in manifest.projections.items():
+            if not manifest.patches and proj.base != proj.current:
+                raise ForgetpackError(f"{path}: projection {target!r} has no baked patches, yet its base and current fingerprints differ")
         return manifest
 
     @property

@@ -84,6 +84,7 @@ def validate_manifest(data: dict[str, Any], where: str) -> None:
     c.integer(data.get("opset"), "opset", 7, 100)
     c.text(data.get("precision"), "precision", ("fp32", "int8"))
     c.fingerprint(data.get("export_id"), "export_id")
+    c.fingerprint(data.get("graph_id"), "graph_id")
     c.number(data.get("logit_scale"), "logit_scale", 0, MAX_LOGIT, positive=True)
     if data.get("logit_bias") is not None:
         c.number(data["logit_bias"], "logit_bias", -MAX_LOGIT, MAX_LOGIT)

@@ -27,7 +27,7 @@ import numpy as np
 
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.fit import TargetInfo, apply_in_order
-from forgetpack.format.manifest import EXPORT_ID_KEY, Manifest
+from forgetpack.format.manifest import GRAPH_ID_KEY, Manifest
 from forgetpack.format.onnxfile import OnnxFile
 from forgetpack.format.patch import Patch, fingerprint
 from runtime.backends import Backend, check_threads
@@ -133,10 +133,10 @@ class OnnxBackend(Backend):
         if not path.is_file():
             raise ForgetpackError(f"{self.directory}: the manifest lists {spec.file} for the {tower} tower, but it is missing")
         graph = OnnxFile(path)
-        found = graph.metadata.get(EXPORT_ID_KEY)
-        if found != self.manifest.export_id:
+        found = graph.metadata.get(GRAPH_ID_KEY)
+        if found != self.manifest.graph_id:
             raise ForgetpackError(
-                f"{path}: belongs to another export (graph export id {str(found)[:23]}…, manifest {self.manifest.export_id[:23]}…): "
+                f"{path}: belongs to another export (graph id {str(found)[:23]}…, manifest {self.manifest.graph_id[:23]}…): "
                 "manifest and graph do not match"
             )
         return graph
