@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -10,9 +11,11 @@ import numpy as np
 import pytest
 
 from forgetpack.engine import features
+from forgetpack.engine.measure import measure_patches
 from forgetpack.engine.models import LoadedModel, load_model
 from forgetpack.engine.projections import find_projection, projection_bias, projection_matrix
-from forgetpack.engine.solve import compose, forget, measure
+from forgetpack.engine.request import Effect, ForgetRequest, Recipe
+from forgetpack.engine.solve import compose, forget
 from forgetpack.engine.solvers import Weights
 from forgetpack.engine.torch_patch import apply_patches
 from forgetpack.format.errors import ForgetpackError, PatchError
@@ -32,7 +35,7 @@ def model(spec: str) -> LoadedModel:
 
 
 def classify_check(loaded: LoadedModel, result, templates, patch=None) -> tuple[dict, float]:
-    """Independent of ``engine.measure``: apply the patch to the model itself, then classify the
+    """Independent of ``forgetpack.engine.measure``: apply the patch to the model itself, then classify the
     candidates' original embeddings over their patched embeddings, template by template."""
     report = result.report
     patch = patch or result.patch
@@ -87,13 +90,17 @@ def test_acceptance(spec: str, names: list[str], extra) -> None:
     for (name, template), now in predicted.items():
         assert now != name, f"{name!r} still recognised with template {template!r}"
     assert retained >= 0.98
-    assert result.report["effect"]["all_forgotten"]
+    assert result.report["effect"]["all_outranked"]
     # the patch records its recipe and effect, and verifies against its base
     patch = result.patch
     assert patch.model == loaded.model_id
     assert patch.recipe["forget"] == names and patch.recipe["solver"] == "closed-form"
     assert set(patch.effect["forget"]) == set(names)
     assert all(e["outranked"] for e in patch.effect["forget"].values())
+    # the typed recipe and effect read back exactly what the patch carries
+    assert Recipe.from_json(patch.recipe).to_json() == patch.recipe
+    assert Effect.from_json(patch.effect).to_json() == patch.effect
+    assert Effect.from_json(result.report["effect"]).report() == result.report["effect"]
     proj = find_projection(loaded.model, "text")
     from forgetpack.format.patch import fingerprint
 
@@ -122,7 +129,10 @@ def test_recipe_records_everything_needed_to_solve_again() -> None:
     same = forget(vit, ["tabby cat"], templates=recipe["templates"], rank=2, seed=3)
     np.testing.assert_array_equal(same.patch.layers[0].delta(), result.patch.layers[0].delta())
     again = forget(vit, ["tabby cat"], preserve=recipe["preserve"], templates=recipe["templates"], rank=2, seed=3)
-    assert again.patch.recipe["preserve"] == recipe["preserve"] and again.report["effect"]["all_forgotten"]
+    assert again.patch.recipe["preserve"] == recipe["preserve"] and again.report["effect"]["all_outranked"]
+    # the same request, as an object
+    request = ForgetRequest(["tabby cat"], templates=recipe["templates"], rank=2, seed=3)
+    np.testing.assert_array_equal(forget(vit, request).patch.layers[0].delta(), result.patch.layers[0].delta())
 
 
 def test_empty_target_redraws_away_from_forget_classes() -> None:
@@ -148,16 +158,16 @@ def test_unit_norm_target_is_reached_by_shrinking() -> None:
     vit = model("ViT-B-32:none")
     unit = forget(vit, ["tabby cat"], target="empty", target_norm="unit", verify=False)
     scaled = forget(vit, ["tabby cat"], target="empty", target_norm="original", verify=False)
-    assert not unit.report["effect"]["all_forgotten"]
-    assert scaled.report["effect"]["all_forgotten"]
+    assert not unit.report["effect"]["all_outranked"]
+    assert scaled.report["effect"]["all_outranked"]
     assert unit.report["effect"]["forget"]["tabby cat"]["self_similarity"] > scaled.report["effect"]["forget"]["tabby cat"]["self_similarity"]
 
 
 def test_verification_strengthens_then_fails_clearly() -> None:
     vit = model("ViT-B-32:none")
     weak = forget(vit, ["tabby cat"], weights=Weights(0.002, 1.0, 1e-3))
-    assert len(weak.report["attempts"]) > 1 and not weak.report["attempts"][0]["forgotten"]
-    assert weak.report["effect"]["all_forgotten"]
+    assert len(weak.report["attempts"]) > 1 and not weak.report["attempts"][0]["outranked"]
+    assert weak.report["effect"]["all_outranked"]
     assert weak.patch.recipe["weights"]["forget"] > 0.002
     with pytest.raises(ForgetpackError, match="could not verify forgetting of 'tabby cat'"):
         forget(vit, ["tabby cat"], weights=Weights(1e-9, 1e6, 1e3))
@@ -185,31 +195,56 @@ def test_compose_solves_the_union_and_compares_with_stacking() -> None:
     recipe = composed.patch.recipe
     assert recipe["forget"] == ["goldfish", "volcano"]
     assert set(recipe["preserve"]) == (set(a.patch.recipe["preserve"]) | set(b.patch.recipe["preserve"])) - {"goldfish", "volcano"}
-    assert composed.report["effect"]["all_forgotten"]
+    assert composed.report["effect"]["all_outranked"]
     predicted, retained = classify_check(vit, composed, recipe["templates"])
     assert retained >= 0.98 and all(now != name for (name, _), now in predicted.items())
     # the stacked patch, measured on the same candidates (tools/bench_solvers.py reports both)
     predicted, retained = classify_check(vit, composed, recipe["templates"], patch=stack([a.patch, b.patch]))
     assert 0.0 <= retained <= 1.0 and len(predicted) == 2 * len(recipe["templates"])
+    effect = measure_patches(vit, [composed.patch], composed.report)
+    assert effect.all_outranked and effect.retained == composed.report["effect"]["retained"]
     with pytest.raises(ForgetpackError, match="made for model"):
         compose(model("RN50:none"), [a.patch])
+    # the one fit rule: a patch for another base of the same model id does not fit
+    other = replace(a.patch, base={target: "sha256:" + "0" * 64 for target in a.patch.base})
+    with pytest.raises(PatchError, match="made for a different base"):
+        compose(vit, [other])
+    with pytest.raises(ForgetpackError, match="records no forgetting recipe"):
+        compose(vit, [stack([a.patch, b.patch])])
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"forget_names": []}, "no forget names"),
-    ({"forget_names": ["  "]}, "empty forget name"),
-    ({"forget_names": ["cat", "Cat"]}, "duplicate forget name"),
-    ({"forget_names": ["cat"], "preserve": ["dog", "cat"]}, "both a forget name and a preserve name"),
-    ({"forget_names": ["cat"], "preserve": ["dog", "dog"]}, "duplicate preserve name"),
-    ({"forget_names": ["cat"], "rank": 0}, "rank must be a positive integer"),
-    ({"forget_names": ["cat"], "templates": ["a photo"]}, "must contain"),
-    ({"forget_names": ["cat"], "target": "moon"}, "unknown target"),
-    ({"forget_names": ["cat"], "solver": "magic"}, "unknown solver"),
-    ({"forget_names": ["cat"], "preserve": ["dog"], "auto_preserve": 3}, "either an explicit preserve list"),
+    ({"forget": []}, "no forget names"),
+    ({"forget": ["  "]}, "empty forget name"),
+    ({"forget": ["cat", "Cat"]}, "duplicate forget name"),
+    ({"forget": ["cat"], "preserve": ["dog", "cat"]}, "both a forget name and a preserve name"),
+    ({"forget": ["cat"], "preserve": ["dog", "dog"]}, "duplicate preserve name"),
+    ({"forget": ["cat"], "rank": 0}, "rank must be a positive integer"),
+    ({"forget": ["cat"], "auto_preserve": -1}, "must be ≥ 0"),
+    ({"forget": ["cat"], "templates": ["a photo"]}, "must contain"),
+    ({"forget": ["cat"], "target": "moon"}, "unknown target"),
+    ({"forget": ["cat"], "target_norm": "huge"}, "unknown target norm"),
+    ({"forget": ["cat"], "solver": "magic"}, "unknown solver 'magic' .installed: closed-form, nullspace, paper"),
+    ({"forget": ["cat"], "preserve": ["dog"], "auto_preserve": 3}, "either an explicit preserve list"),
 ])  # fmt: skip
-def test_bad_input(kwargs, message) -> None:
+def test_bad_requests_fail_before_any_model_work(kwargs, message) -> None:
     with pytest.raises(ForgetpackError, match=message):
-        forget(model("ViT-B-32:none"), **kwargs)
+        ForgetRequest(**kwargs)
+
+
+def test_request_defaults_and_normalisation() -> None:
+    from forgetpack.format.names import FORGET_TEMPLATES
+
+    request = ForgetRequest([" tabby  cat "], preserve=["dog"], templates=["{}", "{}", "a {}."])
+    assert request.forget == ("tabby cat",) and request.preserve == ("dog",) and request.templates == ("{}", "a {}.")
+    assert request.preserve_mode == "explicit" and not request.adaptive
+    auto = ForgetRequest(["cat"])
+    assert auto.templates == FORGET_TEMPLATES and auto.preserve_mode == "auto:20" and auto.adaptive
+    assert replace(auto, auto_preserve=0).preserve_mode == "auto:0"
+    with pytest.raises(ForgetpackError, match="rank must be"):
+        replace(auto, rank=-1)  # replace checks again
+    with pytest.raises(TypeError):
+        forget(model("ViT-B-32:none"), auto, rank=2)  # options belong in the request
 
 
 def test_measure_is_consistent_with_the_independent_check() -> None:
@@ -217,7 +252,6 @@ def test_measure_is_consistent_with_the_independent_check() -> None:
     result = forget(vit, ["tabby cat"])
     _, retained = classify_check(vit, result, result.report["recipe"]["templates"])
     assert retained == pytest.approx(result.report["effect"]["retained"], abs=1e-3)
-    assert callable(measure)
 
 
 def test_default_one_class_patch_on_a_512_projection_is_under_16kb(tmp_path) -> None:
@@ -229,7 +263,7 @@ def test_default_one_class_patch_on_a_512_projection_is_under_16kb(tmp_path) -> 
     assert path.stat().st_size < 16 * 1024, path.stat().st_size
     full = forget(vit, ["tabby cat"], rank=5)  # an explicit rank is honoured, not shrunk
     assert result.patch.layers[0].rank < full.patch.layers[0].rank == 5
-    assert result.report["effect"]["all_forgotten"] and result.report["effect"]["retained_min"] >= full.report["effect"]["retained_min"]
+    assert result.report["effect"]["all_outranked"] and result.report["effect"]["retained_min"] >= full.report["effect"]["retained_min"]
     assert (path.stat().st_mode & 0o777) == 0o666 & ~_umask()  # mkstemp's 0600 is not kept
 
 

@@ -110,6 +110,35 @@ def test_cache_compaction_keeps_everything(vit, cache, monkeypatch) -> None:
     np.testing.assert_array_equal(features.text_features(vit, names), np.stack(rows))
 
 
+def test_cache_off_reads_and_writes_nothing(vit, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FORGETPACK_CACHE", "off")
+    features.clear_memory_cache()
+    try:
+        first = features.text_features(vit, ["goldfish", "tabby cat"])
+        features.clear_memory_cache()
+        np.testing.assert_array_equal(features.text_features(vit, ["goldfish", "tabby cat"]), first)
+    finally:
+        features.clear_memory_cache()
+    assert list(tmp_path.iterdir()) == []  # no folder named 'off', no ~/.cache
+
+
+def test_unwritable_cache_is_a_logged_warning(vit, cache, caplog) -> None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text("a file where the cache folder should be")
+    with caplog.at_level("WARNING", logger="forgetpack.engine.features"):
+        rows = features.text_features(vit, ["goldfish"])
+    assert rows.shape == (1, 512)
+    assert any("feature cache not written" in r.getMessage() for r in caplog.records)
+
+
+def test_progress_is_a_callback(vit) -> None:
+    calls = []
+    features.encode(vit, PROMPTS, batch_size=3, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(3, 7), (6, 7), (7, 7)]
+
+
 def test_fingerprint_covers_the_tower_but_not_its_projection(vit) -> None:
     loaded = load_model("ViT-B-32:none")  # a private copy to modify
     fp = features.text_fingerprint(loaded.model, loaded.tokenizer)

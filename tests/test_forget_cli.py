@@ -40,7 +40,8 @@ def test_forget_json_and_compose(tmp_path, capsys) -> None:
     assert code == 0, err
     report = json.loads(out)
     assert report["recipe"]["preserve"] == ["tench", "volcano", "pizza"] and report["rank"] == 2
-    assert report["effect"]["all_forgotten"] and report["patch"] == str(a)
+    assert report["effect"]["all_outranked"] and report["patch"] == str(a)
+    assert report["effect"]["forget"]["goldfish"]["outranked"]  # the report says what the patch records
 
     names = tmp_path / "keep.txt"
     names.write_text("# names to keep\ntench\n\ngoldfish\n", encoding="utf-8")
@@ -61,10 +62,12 @@ def test_forget_json_and_compose(tmp_path, capsys) -> None:
     (["--forget", "cat,cat"], "duplicate forget name"),
     (["--forget", "cat", "--forget", "cat"], "duplicate forget name"),
     (["--forget", "cat", "--preserve", "cat"], "both a forget name and a preserve name"),
-    (["--forget", "cat", "--rank", "0"], "--rank must be a positive integer"),
-    (["--forget", "cat", "--rank", "-3"], "--rank must be a positive integer"),
+    (["--forget", "cat", "--rank", "0"], "rank must be a positive integer"),
+    (["--forget", "cat", "--rank", "-3"], "rank must be a positive integer"),
+    (["--forget", "cat", "--auto-preserve", "-1"], "--auto-preserve must be ≥ 0"),
     (["--forget", "cat", "--preserve-file", "/no/such/file.txt"], "does not exist"),
-    (["--forget", "cat", "--preserve", "dog", "--auto-preserve", "3"], "only one of"),
+    (["--forget", "cat", "--preserve", "dog", "--preserve-file", "/no/such/file.txt"], "only one of"),
+    (["--forget", "cat", "--preserve", "dog", "--auto-preserve", "3"], "either an explicit preserve list"),
     (["--forget", "cat", "--template", "no placeholder"], "must contain"),
 ])  # fmt: skip
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, message) -> None:
@@ -107,6 +110,39 @@ def test_non_finite_solver_output_writes_nothing(tmp_path, capsys, monkeypatch) 
     out_path = tmp_path / "x.fpatch.safetensors"
     code, out, err = run(["forget", MODEL, "--forget", "tabby cat", "--template", "{}", "-o", str(out_path)], capsys)
     assert code == 1 and "non-finite" in err and not out_path.exists()
+
+
+def test_progress_goes_to_stderr_and_never_with_json(monkeypatch, tmp_path, capsys) -> None:
+    """The library reports progress through a callback; the CLI draws it, and not with --json."""
+    from forgetpack.cli.commands import forget as command
+
+    seen = []
+
+    class Bar:
+        def __init__(self, enabled):
+            seen.append(enabled)
+
+        def __enter__(self):
+            return (lambda done, total: seen.append((done, total))) if seen[-1] else None
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(command, "_progress_bar", Bar)
+    monkeypatch.setenv("FORGETPACK_CACHE", "off")  # nothing cached: every prompt is encoded
+    from forgetpack.engine import features
+
+    features.clear_memory_cache()
+    out_path = tmp_path / "x.fpatch.safetensors"
+    args = ["forget", MODEL, "--forget", "tabby cat", "--auto-preserve", "2", "--template", "{}", "-o", str(out_path)]
+    code, out, err = run(args, capsys)
+    assert code == 0, err
+    assert seen[0] is True and seen[1:] and all(0 < done <= total for done, total in seen[1:])
+    seen.clear()
+    features.clear_memory_cache()
+    code, out, err = run([*args, "--json"], capsys)
+    assert code == 0 and seen == [False] and json.loads(out)["recipe"]["forget"] == ["tabby cat"]
+    features.clear_memory_cache()
 
 
 def test_help_stays_torch_free() -> None:

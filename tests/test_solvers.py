@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from forgetpack.engine.projections import Projection
-from forgetpack.engine.solvers import Problem, Solution, Weights, get_solver
+from forgetpack.engine.solvers import Problem, Solution, Weights, available_solvers, get_solver
 from forgetpack.engine.solvers.closed_form import ClosedFormSolver, objective, solve_closed_form
 from forgetpack.engine.solvers.nullspace import NullspaceSolver
 from forgetpack.engine.solvers.paper import PaperSolver
@@ -235,5 +235,16 @@ def test_non_finite_solutions_are_refused() -> None:
 
 
 def test_unknown_solver() -> None:
-    with pytest.raises(ForgetpackError, match="unknown solver"):
+    with pytest.raises(ForgetpackError, match="unknown solver 'magic' .installed: closed-form, nullspace, paper"):
         get_solver("magic")
+
+
+def test_solvers_register_by_entry_point_and_declare_their_capabilities() -> None:
+    found = available_solvers()
+    assert {"closed-form", "paper", "nullspace"} <= set(found)
+    for name, cls in (("closed-form", ClosedFormSolver), ("paper", PaperSolver), ("nullspace", NullspaceSolver)):
+        assert found[name].load() is cls and isinstance(get_solver(name), cls) and cls.name == name
+        # set on the class itself, not inherited from the protocol's documented defaults
+        assert isinstance(vars(cls)["nested_ranks"], bool) and isinstance(vars(cls)["uses_background"], bool)
+    assert ClosedFormSolver.nested_ranks and ClosedFormSolver.uses_background
+    assert not PaperSolver.uses_background and not NullspaceSolver.uses_background

@@ -35,8 +35,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from forgetpack.engine import features  # noqa: E402
+from forgetpack.engine.measure import measure_patches  # noqa: E402
 from forgetpack.engine.models import load_model  # noqa: E402
-from forgetpack.engine.solve import DEFAULT_SOLVER, DEFAULT_TARGET, compose, forget, measure_patches  # noqa: E402
+from forgetpack.engine.request import DEFAULT_SOLVER, DEFAULT_TARGET  # noqa: E402
+from forgetpack.engine.solve import compose, forget  # noqa: E402
 from forgetpack.engine.vocabulary import builtin_vocabulary  # noqa: E402
 from forgetpack.format.errors import ForgetpackError  # noqa: E402
 from forgetpack.format.patch import stack  # noqa: E402
@@ -95,7 +97,7 @@ def _row(label: str, result, solve_s: float) -> dict:
         "solve_s": round(solve_s, 3),
         "rank": result.report["rank"],
         "attempts": len(result.report["attempts"]),
-        "forgotten": e["all_forgotten"],
+        "outranked": e["all_outranked"],
         "self_sim": round(sum(f["self_similarity"] for f in e["forget"].values()) / len(e["forget"]), 3),
         "retained": e["retained"],
         "retained_min": e["retained_min"],
@@ -130,11 +132,11 @@ def solver_section(out: dict, quick: bool) -> None:
                 print(f"  {label}: {row}", file=sys.stderr, flush=True)
             base = next(r["solve_s"] for r in rows if r["run"] == "closed-form")
             paper = next(r["solve_s"] for r in rows if r["run"] == "paper")
-            print("| solver | solve s | rank | tries | verified | forgotten | self-sim | retained | worst template | vocabulary | preserve drift |")
+            print("| solver | solve s | rank | tries | verified | outranked | self-sim | retained | worst template | vocabulary | preserve drift |")
             print("|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|")
             for r in rows:
                 print(f"| {r['run']} | {r['solve_s']:.2f} | {r['rank']} | {r['attempts']} | {'yes' if r['verified'] else 'no'} | "
-                      f"{'yes' if r['forgotten'] else 'no'} | {r['self_sim']:+.3f} | {r['retained']:.1%} | {r['retained_min']:.1%} | "
+                      f"{'yes' if r['outranked'] else 'no'} | {r['self_sim']:+.3f} | {r['retained']:.1%} | {r['retained_min']:.1%} | "
                       f"{r['vocab_retained']:.1%} | {r['drift']:.4f} |")
             print(f"\npaper / closed-form solve time: {paper / max(base, 1e-9):.0f}x")
             out.setdefault("solvers", {})[f"{spec} {'+'.join(names)}"] = {"rows": rows, "ratio": paper / max(base, 1e-9)}
@@ -144,16 +146,16 @@ def compose_section(out: dict) -> None:
     print("\n## Stacked vs composed on ViT-B-32:none\n", flush=True)
     loaded = load_model("ViT-B-32:none")
     pairs = (["goldfish"], ["tench"]), (["tabby cat"], ["volcano"])
-    print("| requests | patch | forgotten | retained | worst template | vocabulary | preserve drift |\n|---|---|---|---:|---:|---:|---:|")
+    print("| requests | patch | outranked | retained | worst template | vocabulary | preserve drift |\n|---|---|---|---:|---:|---:|---:|")
     for a_names, b_names in pairs:
         a, b = forget(loaded, a_names), forget(loaded, b_names)
         composed = compose(loaded, [a.patch, b.patch])
         label = f"{a_names[0]} + {b_names[0]}"
         for kind, patches in (("stacked", [stack([a.patch, b.patch])]), ("composed", [composed.patch])):
-            e = measure_patches(loaded, patches, composed.report)
-            print(f"| {label} | {kind} | {'yes' if e['all_forgotten'] else 'no'} | {e['retained']:.1%} | {e['retained_min']:.1%} | "
+            e = measure_patches(loaded, patches, composed.report).report()
+            print(f"| {label} | {kind} | {'yes' if e['all_outranked'] else 'no'} | {e['retained']:.1%} | {e['retained_min']:.1%} | "
                   f"{e['vocabulary_retained']:.1%} | {e['preserve_drift']:.4f} |")
-            out.setdefault("compose", []).append({"requests": label, "patch": kind, **{k: e[k] for k in ("all_forgotten", "retained", "retained_min", "vocabulary_retained", "preserve_drift")}})
+            out.setdefault("compose", []).append({"requests": label, "patch": kind, **{k: e[k] for k in ("all_outranked", "retained", "retained_min", "vocabulary_retained", "preserve_drift")}})
 
 
 def harness_section(out: dict, loaded=None) -> None:

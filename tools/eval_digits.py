@@ -34,8 +34,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from forgetpack.engine.models import load_model  # noqa: E402
-from forgetpack.engine.solve import DEFAULT_SOLVER, compose, forget  # noqa: E402
-from forgetpack.engine.solvers import SOLVERS  # noqa: E402
+from forgetpack.engine.request import DEFAULT_SOLVER  # noqa: E402
+from forgetpack.engine.solve import compose, forget  # noqa: E402
+from forgetpack.engine.solvers import available_solvers  # noqa: E402
 from forgetpack.evaluation.datasets import DIGIT_NAMES  # noqa: E402
 from forgetpack.evaluation.harness import evaluate  # noqa: E402
 from forgetpack.format.errors import ForgetpackError  # noqa: E402
@@ -111,7 +112,7 @@ def print_row(row: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--solver", action="append", choices=sorted(SOLVERS), help="repeatable; default: all")
+    parser.add_argument("--solver", action="append", choices=sorted(available_solvers()), help="repeatable; default: all")
     parser.add_argument("--target", help="forget target (default: the engine's)")
     parser.add_argument("--digits", nargs="*", default=list(DIGIT_NAMES), help="single-digit runs (default: all ten)")
     parser.add_argument("--no-pairs", action="store_true", help="skip stacked vs composed two-digit patches")
@@ -119,7 +120,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.output:
         check_output_file(args.output, "JSON results")
-    solvers = args.solver or [DEFAULT_SOLVER, *sorted(s for s in SOLVERS if s != DEFAULT_SOLVER)]
+    solvers = args.solver or [DEFAULT_SOLVER, *sorted(s for s in available_solvers() if s != DEFAULT_SOLVER)]
 
     loaded = load_model("mini")
     rows = []

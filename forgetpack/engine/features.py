@@ -9,29 +9,33 @@ before ``text.proj``). Three things make that cheap:
   pooled token, so each batch is cut to its longest prompt: same features, ~10x less work.
   Prompts are sorted by length first so that batches hold similar lengths.
 - **A feature cache** per (text-tower fingerprint, prompt), in memory and on disk
-  (``$FORGETPACK_CACHE``, default ``~/.cache/forgetpack``) as safetensors shards: no pickle.
-  The fingerprint covers the tower's weights *except* the projection, so features stay valid
-  for every patched version of a model.
+  (``forgetpack.format.cache``: ``$FORGETPACK_CACHE/features``, default
+  ``~/.cache/forgetpack/features``; ``off`` means memory only) as safetensors shards written by
+  the project's atomic writer: no pickle, never a torn shard. The fingerprint covers the tower's
+  weights *except* the projection, so features stay valid for every patched version of a model.
 - ``torch.inference_mode`` and one tokenizer call per request.
+
+The library prints nothing: progress goes to an optional ``progress(done, total)`` callback
+and a cache that cannot be written is a logged warning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sys
-import tempfile
+import logging
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from forgetpack.engine.projections import find_projection
+from forgetpack.format.cache import cache_dir
 from forgetpack.format.errors import ForgetpackError
+from forgetpack.format.fileio import RawTensor, save_safetensors
 
 FEATURE_VERSION = "1"  # bump when the way features are computed changes
 MAX_SHARDS = 32  # compact a model's cache directory beyond this many shard files
@@ -40,14 +44,10 @@ DEFAULT_BATCH = 128
 _memory: dict[tuple[str, str], np.ndarray] = {}
 _loaded_from_disk: set[str] = set()
 _fingerprints: weakref.WeakKeyDictionary[Any, tuple[tuple[int, ...], str]] = weakref.WeakKeyDictionary()
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- cache plumbing
-
-
-def cache_dir() -> Path:
-    """The on-disk cache root: ``$FORGETPACK_CACHE`` or ``~/.cache/forgetpack``."""
-    return Path(os.environ.get("FORGETPACK_CACHE") or Path.home() / ".cache" / "forgetpack").expanduser()
 
 
 def clear_memory_cache() -> None:
@@ -96,8 +96,10 @@ def _describe_tokenizer(tokenizer: Any) -> str:
     return f"{type(tokenizer).__name__}|{getattr(tokenizer, 'context_length', '')}|{Path(str(name)).name}"
 
 
-def _shard_dir(fp: str) -> Path:
-    return cache_dir() / "features" / fp.split(":")[-1][:32]
+def _shard_dir(fp: str) -> Path | None:
+    """One model's folder of cache shards, or None when caching is off."""
+    root = cache_dir("features")
+    return None if root is None else root / fp.split(":")[-1][:32]
 
 
 def _load_disk(fp: str) -> None:
@@ -106,7 +108,7 @@ def _load_disk(fp: str) -> None:
         return
     _loaded_from_disk.add(fp)
     folder = _shard_dir(fp)
-    if not folder.is_dir():
+    if folder is None or not folder.is_dir():
         return
     from safetensors import safe_open
 
@@ -127,36 +129,28 @@ def _load_disk(fp: str) -> None:
 
 
 def _save_disk(fp: str, prompts: Sequence[str], feats: np.ndarray) -> None:
-    """Write one shard atomically; compact the folder when it holds too many shards."""
-    from safetensors.numpy import save_file
-
+    """Write one shard; compact the folder when it holds too many shards. Nothing when caching is off."""
     folder = _shard_dir(fp)
+    if folder is None:
+        return
     try:
         folder.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
-        _atomic_save(save_file, folder / f"{name}.safetensors", prompts, feats, fp)
+        _write_shard(folder / f"{name}.safetensors", prompts, feats, fp)
         shards = sorted(folder.glob("*.safetensors"))
         if len(shards) > MAX_SHARDS:
             known = sorted(p for (f, p) in _memory if f == fp)
-            rows = np.stack([_memory[(fp, p)] for p in known])
-            _atomic_save(save_file, folder / "compact.safetensors", known, rows, fp)
+            _write_shard(folder / "compact.safetensors", known, np.stack([_memory[(fp, p)] for p in known]), fp)
             for shard in shards:
                 if shard.name != "compact.safetensors":
                     shard.unlink(missing_ok=True)
-    except OSError as exc:  # a read-only or full disk must not stop forgetting
-        print(f"warning: feature cache not written ({exc})", file=sys.stderr)
+    except (OSError, ForgetpackError) as exc:  # a read-only or full disk must not stop forgetting
+        log.warning("feature cache not written (%s)", exc)
 
 
-def _atomic_save(save_file: Any, path: Path, prompts: Sequence[str], feats: np.ndarray, fp: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        meta = {"fingerprint": fp, "prompts": json.dumps(list(prompts), ensure_ascii=False), "version": FEATURE_VERSION}
-        save_file({"features": np.ascontiguousarray(feats, dtype=np.float32)}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _write_shard(path: Path, prompts: Sequence[str], feats: np.ndarray, fp: str) -> None:
+    meta = {"fingerprint": fp, "prompts": json.dumps(list(prompts), ensure_ascii=False), "version": FEATURE_VERSION}
+    save_safetensors(path, {"features": RawTensor.from_array(np.asarray(feats, dtype=np.float32))}, meta)
 
 
 # ---------------------------------------------------------------------------- encoding
@@ -166,11 +160,13 @@ def text_features(
     loaded: Any,
     prompts: Sequence[str],
     *,
-    progress: bool = False,
+    progress: Callable[[int, int], None] | None = None,
     batch_size: int = DEFAULT_BATCH,
     use_cache: bool = True,
 ) -> np.ndarray:
-    """Pre-projection features ``[len(prompts), width]`` (float32), from cache where possible."""
+    """Pre-projection features ``[len(prompts), width]`` (float32), from cache where possible.
+
+    ``progress(done, total)`` is called after each batch of the prompts that need encoding."""
     prompts = list(prompts)
     if not prompts:
         return np.zeros((0, text_width(loaded.model)), dtype=np.float32)
@@ -198,7 +194,8 @@ def text_width(model: Any) -> int:
     return int(shape[0] if proj.layout == "in_out" else shape[1])
 
 
-def encode(loaded: Any, prompts: Sequence[str], *, progress: bool = False, batch_size: int = DEFAULT_BATCH, cut: bool = True) -> np.ndarray:
+def encode(loaded: Any, prompts: Sequence[str], *, progress: Callable[[int, int], None] | None = None,
+           batch_size: int = DEFAULT_BATCH, cut: bool = True) -> np.ndarray:
     """Encode prompts (no cache): sorted by length, batched, each batch cut to its longest prompt.
 
     On CPU the thread count is chosen by measurement: the first batch runs with torch's
@@ -207,7 +204,6 @@ def encode(loaded: Any, prompts: Sequence[str], *, progress: bool = False, batch
     thread is 2-4x faster (measured on a shared 2-core box); on an idle one, all threads win.
     """
     import torch
-    from tqdm import tqdm
 
     model, tokenizer = loaded.model, loaded.tokenizer
     tower = _TowerRunner(model)
@@ -222,9 +218,9 @@ def encode(loaded: Any, prompts: Sequence[str], *, progress: bool = False, batch
     threads = torch.get_num_threads()
     tune = device.type == "cpu" and threads > 1 and len(starts) >= 4
     per_token: list[float] = []
-    bar = tqdm(total=len(prompts), desc="encoding text", unit="prompt", disable=not progress, file=sys.stderr, leave=False)
+    done = 0
     try:
-        with torch.inference_mode(), bar:
+        with torch.inference_mode():
             for i, start in enumerate(starts):
                 idx = order[start : start + batch_size]
                 batch = tokens[idx]
@@ -238,7 +234,9 @@ def encode(loaded: Any, prompts: Sequence[str], *, progress: bool = False, batch
                     per_token.append((time.perf_counter() - t0) / batch.numel())
                     if i == 1:
                         torch.set_num_threads(1 if per_token[1] < per_token[0] else threads)
-                bar.update(len(idx))
+                done += len(idx)
+                if progress is not None:
+                    progress(done, len(prompts))
     finally:
         torch.set_num_threads(threads)
     return out.numpy()

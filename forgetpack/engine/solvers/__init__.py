@@ -5,19 +5,26 @@ pre-projection feature row ``x`` to ``y = x @ M`` (``M`` is ``[width, embed]`` w
 storage layout; biases are already subtracted from the targets). It returns a
 :class:`Solution`: a low-rank update ``Δ = up @ down`` of ``M``, which
 :meth:`Solution.layer` turns into a patch :class:`~forgetpack.format.patch.Layer` in the target's
-own layout. Three solvers:
+own layout.
+
+Solvers register like runtime backends, in the entry-point group ``forgetpack.solvers``
+(``name = "module:Class"``; pyproject.toml declares the three built in), so another package can
+add one. Built in:
 
 - ``paper``: the official LoRA/Adam loop of Kravets & Namboodiri, with its retry rule.
 - ``closed-form``: the exact optimum of the squared objective (ridge, rank-constrained).
 - ``nullspace``: the CCUP baseline, projecting forget directions out of the projection.
 
-numpy only here, except ``paper`` which runs its loop in torch as the original does.
+numpy only here, except ``paper`` which runs its loop in torch as the original does; listing
+the solvers (:func:`available_solvers`) imports none of them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from importlib import metadata
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -36,6 +43,10 @@ class Weights:
 
     def to_json(self) -> dict[str, float]:
         return {"forget": self.forget, "preserve": self.preserve, "update": self.update}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, float]) -> Weights:
+        return cls(data["forget"], data["preserve"], data["update"])
 
 
 @dataclass(frozen=True)
@@ -100,10 +111,24 @@ class Solution:
         return Layer.lowrank(projection.target, up, down)
 
 
+GROUP = "forgetpack.solvers"
+
+
 class Solver(Protocol):
-    """The interface: defaults, a solve step, and how to push harder when forgetting failed."""
+    """The interface: defaults, a solve step, and how to push harder when forgetting failed.
+
+    Capabilities the engine reads, declared by every solver class:
+
+    - ``nested_ranks`` (default False): the first ``r`` factor columns of a solution are
+      themselves the exact rank-``r`` optimum, so the engine may keep fewer factors when they
+      verify as well (a smaller patch).
+    - ``uses_background`` (default True): the objective can take the whole vocabulary as extra,
+      pre-weighted preserve rows (``Problem.n_preserve`` counts the real preserve rows).
+    """
 
     name: str
+    nested_ranks: ClassVar[bool] = False
+    uses_background: ClassVar[bool] = True
 
     def default_weights(self, n_forget_names: int) -> Weights: ...
 
@@ -114,15 +139,23 @@ class Solver(Protocol):
         ...
 
 
+def available_solvers() -> dict[str, metadata.EntryPoint]:
+    """Installed solvers by name (entry points of group ``forgetpack.solvers``); imports none."""
+    return {ep.name: ep for ep in metadata.entry_points(group=GROUP)}
+
+
+def find_solver(name: str) -> metadata.EntryPoint:
+    """The entry point of solver ``name``, or a one-line error naming the installed ones."""
+    found = available_solvers()
+    if name not in found:
+        known = ", ".join(sorted(found)) or "none"
+        raise ForgetpackError(f"unknown solver {name!r} (installed: {known}; solvers register in entry-point group {GROUP})")
+    return found[name]
+
+
 def get_solver(name: str) -> Solver:
-    from forgetpack.engine.solvers.closed_form import ClosedFormSolver
-    from forgetpack.engine.solvers.nullspace import NullspaceSolver
-    from forgetpack.engine.solvers.paper import PaperSolver
-
-    solvers: dict[str, type] = {"paper": PaperSolver, "closed-form": ClosedFormSolver, "nullspace": NullspaceSolver}
-    if name not in solvers:
-        raise ForgetpackError(f"unknown solver {name!r} (choose from {', '.join(solvers)})")
-    return solvers[name]()
-
-
-SOLVERS = ("closed-form", "paper", "nullspace")
+    """A new instance of solver ``name``."""
+    try:
+        return find_solver(name).load()()
+    except ImportError as exc:
+        raise ForgetpackError(f"solver {name!r} cannot be imported ({exc}); is its package installed?") from None

@@ -31,6 +31,7 @@ RANK_TOL = 1e-9  # singular values below this fraction of the largest are numeri
 class ClosedFormSolver:
     name = "closed-form"
     nested_ranks = True  # the first r factor columns are the exact rank-r optimum
+    uses_background = True
 
     def default_weights(self, n_forget_names: int) -> Weights:
         return Weights(forget=1.0, preserve=1.0, update=1e-3)

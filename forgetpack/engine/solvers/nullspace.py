@@ -26,6 +26,7 @@ SPAN_TOL = 1e-6
 
 class NullspaceSolver:
     name = "nullspace"
+    nested_ranks = False  # its columns are forget directions, not nested optima
     uses_background = False  # a 1,000-name preserve span would leave no direction to remove
 
     def default_weights(self, n_forget_names: int) -> Weights:

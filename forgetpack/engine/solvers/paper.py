@@ -39,6 +39,7 @@ MAX_TRIES = 100
 
 class PaperSolver:
     name = "paper"
+    nested_ranks = False  # a LoRA of fixed rank, trained as a whole
     uses_background = False  # the paper's objective and weights know only the preserve set
 
     def __init__(self, steps: int = STEPS, max_tries: int = MAX_TRIES) -> None:

@@ -1,0 +1,187 @@
+"""Measuring a change of the text projection in text space, with no images at all.
+
+Images are stood in for by each candidate's *original* embedding and classified over the
+candidates' *patched* embeddings, template by template: a forget name is *outranked* when some
+other candidate now wins for its own stand-in, and every other candidate should keep its class.
+:class:`TextSpace` holds the features and embeddings of every prompt the engine looked at;
+:class:`SolveContext` holds it together with the names one request works on, and is what every
+step of a solve receives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from forgetpack.engine.preserve import Neighbourhood, unit_rows
+from forgetpack.engine.projections import Projection
+from forgetpack.engine.request import Effect, NameEffect
+from forgetpack.format.patch import Layer, Patch
+
+MOVED_MIN = 1e-4  # cosine drift below which a name has not moved
+
+# A change of the feature-form projection: the whole patched matrix, or the low-rank factors
+# ``(up, down)`` of its update (the same numbers, far cheaper on a big vocabulary).
+Change = np.ndarray | tuple[np.ndarray, np.ndarray]
+
+
+@dataclass
+class TextSpace:
+    """Pre-projection features of prompts, and their embeddings through the base projection."""
+
+    features: dict[str, np.ndarray]
+    M: np.ndarray  # feature-form base projection, y = x @ M
+    bias: np.ndarray | None
+    _base: dict[str, np.ndarray] = field(default_factory=dict)  # base embeddings, computed once per prompt
+
+    def features_of(self, prompts: Sequence[str]) -> np.ndarray:
+        return np.stack([self.features[p] for p in prompts]).astype(np.float64)
+
+    def embed(self, prompts: Sequence[str], M: np.ndarray | None = None) -> np.ndarray:
+        """Embeddings through ``M`` (default: the base projection, memoised)."""
+        if M is None:
+            todo = list(dict.fromkeys(p for p in prompts if p not in self._base))
+            if todo:
+                self._base.update(zip(todo, self._project(self.features_of(todo), self.M), strict=True))
+            return np.stack([self._base[p] for p in prompts])
+        return self._project(self.features_of(prompts), M)
+
+    def embed_changed(self, prompts: Sequence[str], change: Change) -> np.ndarray:
+        """Embeddings through the projection after ``change``."""
+        if isinstance(change, tuple):
+            up, down = change
+            return self.embed(prompts) + (self.features_of(prompts) @ up) @ down
+        return self.embed(prompts, change)
+
+    def _project(self, X: np.ndarray, M: np.ndarray) -> np.ndarray:
+        y = X @ M
+        return y + self.bias if self.bias is not None else y
+
+
+@dataclass(frozen=True)
+class SolveContext:
+    """The names one request works on and the space they live in: what every solve step needs."""
+
+    space: TextSpace
+    projection: Projection
+    forget: tuple[str, ...]
+    preserve: tuple[str, ...]
+    candidates: tuple[str, ...]  # forget, preserve, neighbour and alias names: the classes verified over
+    neighbourhood: Neighbourhood
+    templates: tuple[str, ...]
+    pool: tuple[str, ...]  # the whole vocabulary (forget names excluded)
+
+    def prompts(self, names: Sequence[str]) -> list[str]:
+        """Every template of every name, template-major (the order of the solver's rows)."""
+        return [t.format(n) for t in self.templates for n in names]
+
+
+def candidates_of(forget: Sequence[str], preserve: Sequence[str], hood: Neighbourhood) -> tuple[str, ...]:
+    """The classes a request is verified over, each once."""
+    neighbours = (n for pairs in hood.neighbours.values() for n, _ in pairs)
+    return tuple(dict.fromkeys([*forget, *preserve, *neighbours, *hood.alias_names()]))
+
+
+def feature_change(layer: Layer, projection: Projection) -> tuple[np.ndarray, np.ndarray]:
+    """A low-rank layer's stored factors as a feature-form change ``up @ down`` (float64)."""
+    up, down = layer.up.astype(np.float64), layer.down.astype(np.float64)
+    return (up, down) if projection.layout == "in_out" else (down.T, up.T)
+
+
+def measure(ctx: SolveContext, change: Change) -> Effect:
+    """The text-space effect of ``change`` on the candidates of ``ctx``.
+
+    For each template, each candidate's original embedding is classified over the candidates'
+    changed embeddings. ``vocabulary_retained`` does the same over the whole vocabulary with
+    bare names (their features are at hand anyway), which shows what happens to names that were
+    neither preserved nor neighbours.
+    """
+    space, candidates, hood = ctx.space, ctx.candidates, ctx.neighbourhood
+    forget_set = set(ctx.forget)
+    alias_set = set(hood.alias_names())
+    idx = {c: i for i, c in enumerate(candidates)}
+    keepers = [c for c in candidates if c not in forget_set and c not in alias_set]
+    similarity: dict[str, list[float]] = {f: [] for f in ctx.forget}
+    predicted: dict[str, dict[str, str]] = {f: {} for f in ctx.forget}
+    outranked = dict.fromkeys(ctx.forget, True)
+    retained_by_template = {}
+    lost: dict[str, list[str]] = {}
+    for t in ctx.templates:
+        prompts = [t.format(c) for c in candidates]
+        before = unit_rows(space.embed(prompts))
+        after = unit_rows(space.embed_changed(prompts, change))
+        pred = np.argmax(before @ after.T, axis=1)
+        for f in ctx.forget:
+            i = idx[f]
+            similarity[f].append(float(before[i] @ after[i]))
+            predicted[f][t] = candidates[pred[i]]
+            if pred[i] == i:
+                outranked[f] = False
+        kept = [c for c in keepers if pred[idx[c]] == idx[c]]
+        retained_by_template[t] = len(kept) / len(keepers) if keepers else 1.0
+        for c in keepers:
+            if pred[idx[c]] != idx[c]:
+                lost.setdefault(c, []).append(t)
+    drift = 0.0
+    if ctx.preserve:
+        pp = ctx.prompts(ctx.preserve)
+        cos = np.sum(unit_rows(space.embed(pp)) * unit_rows(space.embed_changed(pp, change)), axis=1)
+        drift = float(np.mean(1.0 - cos))
+    vocabulary_retained = 1.0
+    if ctx.pool:
+        names = [*ctx.forget, *ctx.pool]
+        pred = np.argmax(unit_rows(space.embed(names)) @ unit_rows(space.embed_changed(names, change)).T, axis=1)
+        keep = [i for i, n in enumerate(names) if n not in forget_set and n not in alias_set]
+        vocabulary_retained = float(np.mean(pred[keep] == np.asarray(keep)))
+    return Effect(
+        forget={f: NameEffect(round(float(np.mean(similarity[f])), 4), outranked[f], predicted[f]) for f in ctx.forget},
+        retained=round(float(np.mean(list(retained_by_template.values()))), 4),
+        retained_min=round(float(min(retained_by_template.values())), 4),
+        vocabulary_retained=round(vocabulary_retained, 4),
+        preserve_drift=round(drift, 6),
+        candidates=len(candidates),
+        aliases={f: [n for n, _ in a] for f, a in hood.aliases.items()},
+        dropped_preserve=list(hood.dropped),
+        retained_by_template={t: round(v, 4) for t, v in retained_by_template.items()},
+        lost=lost,
+    )
+
+
+def most_moved(space: TextSpace, change: Change, pool: Sequence[str], exclude: set[str], count: int) -> list[str]:
+    """The ``count`` vocabulary names whose bare embedding the change turns most (cosine drift
+    above ``MOVED_MIN``): the names an automatic preserve set should hold next."""
+    names = [n for n in pool if n not in exclude]
+    if not names or count <= 0:
+        return []
+    drift = 1.0 - np.sum(unit_rows(space.embed(names)) * unit_rows(space.embed_changed(names, change)), axis=1)
+    order = np.argsort(-drift, kind="stable")[:count]
+    return [names[i] for i in order if drift[i] > MOVED_MIN]
+
+
+def measure_patches(loaded: Any, patches: Sequence[Patch], report: dict[str, Any]) -> Effect:
+    """The text-space effect of applying ``patches`` in order, on the candidates of ``report``
+    (a ``ForgetResult.report``): how stacked patches compare with a composed one."""
+    from forgetpack.engine.features import text_features
+    from forgetpack.engine.projections import find_projection, projection_bias, projection_matrix
+    from forgetpack.engine.vocabulary import vocabulary as full_vocabulary
+
+    proj = find_projection(loaded.model, "text")
+    W = projection_matrix(loaded.model, proj)
+    patched = W
+    for p in patches:
+        patched = p.apply({proj.target: patched})[proj.target]
+    recipe = report["recipe"]
+    forget, preserve, templates = tuple(recipe["forget"]), tuple(recipe["preserve"]), tuple(recipe["templates"])
+    hood = Neighbourhood(list(preserve), {f: [tuple(x) for x in v] for f, v in report["neighbours"].items()},
+                         {f: [tuple(x) for x in v] for f, v in report["aliases"].items()})
+    candidates = candidates_of(forget, preserve, hood)
+    known = recipe.get("vocabulary", {})
+    pool = tuple(full_vocabulary([*known.get("model", []), *known.get("extra", []), *preserve], exclude=forget))
+    prompts = list(dict.fromkeys([*pool, *forget, *(t.format(c) for t in templates for c in candidates)]))
+    space = TextSpace(dict(zip(prompts, text_features(loaded, prompts), strict=True)), proj.feature_form(W),
+                      projection_bias(loaded.model, proj))
+    ctx = SolveContext(space, proj, forget, preserve, candidates, hood, templates, pool)
+    return measure(ctx, proj.feature_form(patched))

@@ -1,0 +1,66 @@
+"""Where each forget prompt should land after the patch.
+
+- ``antipode`` (default): minus its own original embedding.
+- ``mirror``: its reflection through the mean direction of the other candidates (same
+  template): what every class shares is kept, what distinguishes this one is negated; the norm
+  is kept.
+- ``empty``: the paper's, the normalised embedding of the empty string, re-drawn with N(0, 0.5)
+  noise while its nearest candidate class is a forget class.
+
+``target_norm`` says whether the target is a unit vector (the paper) or carries the prompt's
+original norm (the default: a unit target among embeddings of norm ~20 is mostly reached by
+shrinking, which keeps the direction, so cosine classification still recognises the class;
+see docs/engine.md for the numbers). ``antipode`` and ``mirror`` keep the norm either way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from forgetpack.engine.measure import SolveContext
+from forgetpack.engine.preserve import unit_rows
+from forgetpack.format.errors import ForgetpackError
+
+EMPTY_NOISE = 0.5  # the paper's re-draw noise for the empty-string target
+EMPTY_MAX_DRAWS = 1000
+
+
+def forget_targets(ctx: SolveContext, target: str, norm: str, seed: int) -> np.ndarray:
+    """One target row per forget prompt (template-major, like the forget features)."""
+    original = ctx.space.embed(ctx.prompts(ctx.forget))
+    if target == "antipode":
+        return -original
+    if target == "mirror":
+        return _mirror(ctx)
+    return _empty(ctx, original, norm, seed)
+
+
+def _mirror(ctx: SolveContext) -> np.ndarray:
+    others = [c for c in ctx.candidates if c not in set(ctx.forget)]
+    rows = []
+    for t in ctx.templates:
+        y = ctx.space.embed([t.format(f) for f in ctx.forget])
+        mean = ctx.space.embed([t.format(c) for c in others]).mean(axis=0) if others else y.mean(axis=0)
+        u = mean / max(float(np.linalg.norm(mean)), 1e-12)
+        along = (y @ u)[:, None] * u[None, :]
+        rows.append(2 * along - y)
+    return np.concatenate(rows)
+
+
+def _empty(ctx: SolveContext, original: np.ndarray, norm: str, seed: int) -> np.ndarray:
+    """The normalised empty-string embedding, re-drawn while a forget class is nearest to it."""
+    rows = np.repeat(ctx.space.embed([""]), len(original), axis=0)
+    cand = unit_rows(ctx.space.embed(ctx.prompts(ctx.candidates)))
+    is_forget = np.isin(np.tile(np.asarray(ctx.candidates, dtype=object), len(ctx.templates)), list(ctx.forget))
+    rng = np.random.default_rng(seed)
+    unit = unit_rows(rows)
+    for _ in range(EMPTY_MAX_DRAWS):
+        nearest = np.argmax(unit @ cand.T, axis=1)
+        if not is_forget[nearest].any():
+            break
+        unit = unit_rows(rows + rng.normal(0.0, EMPTY_NOISE, size=rows.shape))
+    else:
+        raise ForgetpackError(
+            f"the empty-string target stays nearest to a forget class after {EMPTY_MAX_DRAWS} noisy draws; use --target antipode"
+        )
+    return unit * np.linalg.norm(original, axis=1, keepdims=True) if norm == "original" else unit
