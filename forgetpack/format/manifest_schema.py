@@ -117,8 +117,10 @@ def _tower(c: _Check, name: str, tower: dict[str, Any]) -> None:
         raise c.fail(f"{field}.input_shape", f"must start with the batch axis, not {_short(shape)}")
     for d in shape[1:]:
         c.integer(d, f"{field}.input_shape", 1, MAX_SIDE)
-    if tower.get("projection") is not None:
-        c.text(tower["projection"], f"{field}.projection")
+    c.text(tower.get("embeddings", "embeddings"), f"{field}.embeddings")
+    for optional in ("features", "projection"):
+        if tower.get(optional) is not None:
+            c.text(tower[optional], f"{field}.{optional}")
 
 
 def _projection(c: _Check, target: str, proj: dict[str, Any], towers: dict[str, Any]) -> None:
