@@ -131,12 +131,12 @@ def test_mini_loads_when_shipped() -> None:
 def test_projection_registry_on_open_clip_towers(vit, rn50) -> None:
     text = find_projection(vit.model, "text")
     assert (text.target, text.layout, text.tower, text.bias) == ("text_projection", "in_out", "openai-text", None)
-    visual = find_projection(vit.model, "visual")
-    assert (visual.target, visual.layout, visual.tower) == ("visual.proj", "in_out", "vit")
+    visual = find_projection(vit.model, "image")
+    assert (visual.target, visual.layout, visual.rule) == ("visual.proj", "in_out", "vit")
     assert projection_matrix(vit.model, text).shape == (512, 512)
 
-    visual = find_projection(rn50.model, "visual")
-    assert (visual.target, visual.layout, visual.tower) == ("visual.attnpool.c_proj.weight", "out_in", "modified-resnet")
+    visual = find_projection(rn50.model, "image")
+    assert (visual.target, visual.layout, visual.rule) == ("visual.attnpool.c_proj.weight", "out_in", "modified-resnet")
     assert visual.bias == "visual.attnpool.c_proj.bias"
     W = projection_matrix(rn50.model, visual)
     assert W.shape == (1024, 2048)  # nn.Linear weight [out, in]
@@ -148,7 +148,7 @@ def test_projection_registry_on_an_hf_text_tower() -> None:
 
     model, _, _ = mini.create_untrained()
     proj = find_projection(model, "text")
-    assert (proj.target, proj.layout, proj.tower) == ("text.proj.weight", "out_in", "hf-text")
+    assert (proj.target, proj.layout, proj.rule) == ("text.proj.weight", "out_in", "hf-text")
     W = projection_matrix(model, proj)
     x = torch.randn(3, W.shape[1])
     np.testing.assert_allclose(x.numpy() @ proj.feature_form(W), model.text.proj(x).detach().numpy(), rtol=1e-4, atol=1e-5)
@@ -185,6 +185,6 @@ def test_projection_registry_refuses_what_it_cannot_patch() -> None:
     with pytest.raises(ForgetpackError, match="unknown text tower 'GRU'"):
         find_projection(_Model(text=torch.nn.GRU(4, 4)), "text")
     with pytest.raises(ForgetpackError, match="unknown visual tower 'Conv2d'"):
-        find_projection(_Model(visual=torch.nn.Conv2d(3, 3, 1)), "visual")
-    timm = find_projection(_Model(visual=TimmModel()), "visual")
+        find_projection(_Model(visual=torch.nn.Conv2d(3, 3, 1)), "image")
+    timm = find_projection(_Model(visual=TimmModel()), "image")
     assert (timm.target, timm.layout, timm.bias) == ("visual.head.proj.weight", "out_in", "visual.head.proj.bias")

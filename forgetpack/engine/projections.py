@@ -27,7 +27,7 @@ class Projection:
 
     target: str  # state-dict name, e.g. "text_projection" or "text.proj.weight"
     layout: str  # "in_out" or "out_in"
-    tower: str  # the registry rule that found it
+    rule: str  # the name of the registry rule that found it
     bias: str | None = None  # state-dict name of a bias added after the matrix, if any
 
     def feature_form(self, matrix: np.ndarray) -> np.ndarray:
@@ -44,8 +44,8 @@ class Projection:
 class Rule:
     """How to find the projection of one tower type: a predicate and a locator."""
 
-    tower: str
-    side: str  # "text" or "visual"
+    name: str
+    side: str  # "text" or "image": the tower, as exports name it
     applies: Callable[[Any], bool]
     locate: Callable[[Any], Projection]
 
@@ -126,27 +126,27 @@ RULES: tuple[Rule, ...] = (
     Rule("openai-text", "text", lambda m: not hasattr(m, "text") and hasattr(m, "text_projection"), _openai_text),
     Rule("hf-text", "text", lambda m: _cls(getattr(m, "text", None)) == "HFTextEncoder", _hf_text),
     Rule("text-transformer", "text", lambda m: _cls(getattr(m, "text", None)) == "TextTransformer", _text_transformer),
-    Rule("vit", "visual", lambda m: _cls(getattr(m, "visual", None)) == "VisionTransformer", _vit),
-    Rule("modified-resnet", "visual", lambda m: _cls(getattr(m, "visual", None)) == "ModifiedResNet", _modified_resnet),
-    Rule("timm", "visual", lambda m: _cls(getattr(m, "visual", None)) == "TimmModel", _timm),
+    Rule("vit", "image", lambda m: _cls(getattr(m, "visual", None)) == "VisionTransformer", _vit),
+    Rule("modified-resnet", "image", lambda m: _cls(getattr(m, "visual", None)) == "ModifiedResNet", _modified_resnet),
+    Rule("timm", "image", lambda m: _cls(getattr(m, "visual", None)) == "TimmModel", _timm),
 )
 
 
 def find_projection(model: Any, side: str = "text") -> Projection:
-    """The projection of the model's ``side`` tower ("text" or "visual"), or a clear error."""
-    if side not in ("text", "visual"):
-        raise ValueError(f"side must be 'text' or 'visual', not {side!r}")
+    """The projection of the model's ``side`` tower ("text" or "image"), or a clear error."""
+    if side not in ("text", "image"):
+        raise ValueError(f"side must be 'text' or 'image', not {side!r}")
     for rule in RULES:
         if rule.side == side and rule.applies(model):
             proj = rule.locate(model)
             names = _parameter_names(model)
             for name in (proj.target, proj.bias):
                 if name is not None and name not in names:
-                    raise ForgetpackError(f"{rule.tower} rule expected parameter {name!r}, which this model lacks")
+                    raise ForgetpackError(f"{rule.name} rule expected parameter {name!r}, which this model lacks")
             return proj
     tower = getattr(model, "text" if side == "text" else "visual", None)
     kind = _cls(tower) if tower is not None else _cls(model)
-    known = ", ".join(r.tower for r in RULES if r.side == side)
+    known = ", ".join(r.name for r in RULES if r.side == side)
     raise ForgetpackError(f"unknown {side} tower {kind!r}: no registered projection (known: {known})")
 
 

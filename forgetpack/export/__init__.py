@@ -39,7 +39,7 @@ from forgetpack.export.tokenizer import export_tokenizer
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.fileio import atomic_directory, check_output_dir
 from forgetpack.format.fit import apply_in_order, targets_of
-from forgetpack.format.manifest import Manifest, Projection, Tower
+from forgetpack.format.manifest import ExportedProjection, Manifest, Tower
 from forgetpack.format.patch import Patch, fingerprint, read_patch
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ DEFAULT_OPSET = 18
 PathLike = str | os.PathLike[str]
 Patches = Sequence[PathLike | Patch]  # files or loaded patches, baked in this order
 Progress = Callable[[str], None]  # receives one line per step
-SIDES = {"image": "visual", "text": "text"}  # tower name in the export -> projections registry side
+TOWERS = ("image", "text")
 
 
 def export(spec: str, out: PathLike, patches: Patches = (), quantize: str | None = None, opset: int = DEFAULT_OPSET,
@@ -81,11 +81,11 @@ def export_loaded(loaded: LoadedModel, out: PathLike, patches: Patches = (), qua
     report = progress or (lambda _line: None)
     if quantize not in (None, "int8"):
         raise ForgetpackError(f"unknown quantization {quantize!r} (supported: int8)")
-    unknown = sorted(set(towers) - set(SIDES))
+    unknown = sorted(set(towers) - set(TOWERS))
     if unknown or not towers:
-        raise ForgetpackError(f"unknown tower(s) {unknown} (towers: {', '.join(SIDES)})")
+        raise ForgetpackError(f"unknown tower(s) {unknown} (towers: {', '.join(TOWERS)})")
     model = loaded.model.eval()
-    located = {tower: find_projection(model, side) for tower, side in SIDES.items() if tower in towers}
+    located = {tower: find_projection(model, tower) for tower in TOWERS if tower in towers}
     baked = [p if isinstance(p, Patch) else read_patch(p) for p in patches]
     base = read_matrices(model, [proj.target for proj in located.values()])
     targets = targets_of(base, layouts={proj.target: proj.layout for proj in located.values()})
@@ -96,7 +96,7 @@ def export_loaded(loaded: LoadedModel, out: PathLike, patches: Patches = (), qua
     preprocess = preprocess_settings(loaded.preprocess)
     examples, embed_dim = example_inputs(loaded, preprocess["size"])
     specs: dict[str, Tower] = {}
-    projections: dict[str, Projection] = {}
+    projections: dict[str, ExportedProjection] = {}
     checks: dict[str, float] = {}
     with atomic_directory(out, replace=force) as tmp, _holding(model, patched, base):
         for tower, proj in located.items():

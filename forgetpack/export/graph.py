@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from forgetpack.format.errors import ForgetpackError
-from forgetpack.format.manifest import GRAPH_ID_KEY, Projection, Tower
+from forgetpack.format.manifest import GRAPH_ID_KEY, ExportedProjection, Tower
 from forgetpack.format.onnxfile import OnnxFile
 from forgetpack.format.patch import fingerprint
 
@@ -63,7 +63,7 @@ def export_tower(
     path: Path,
     opset: int,
     graph_id: str,
-) -> tuple[Tower, Projection, float]:
+) -> tuple[Tower, ExportedProjection, float]:
     """Write ``path`` and return its manifest entries and the measured ONNX-vs-torch difference.
 
     ``proj`` is the located projection (``forgetpack.engine.projections``); ``base_fp`` and
@@ -97,7 +97,7 @@ def export_tower(
         input_dtype=input_dtype,
         projection=proj.target,
     )
-    entry = Projection(
+    entry = ExportedProjection(
         tower=tower, initializer=proj.target, layout=proj.layout, shape=[int(d) for d in matrix.shape],
         base=base_fp, current=current_fp, bias=bias, reproject=reproject,
     )

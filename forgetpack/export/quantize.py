@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from forgetpack.export.graph import initializer, one_line, quiet, set_metadata
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.fileio import atomic_directory
-from forgetpack.format.manifest import GRAPH_ID_KEY, Manifest, Projection, Tower
+from forgetpack.format.manifest import GRAPH_ID_KEY, ExportedProjection, Manifest, Tower
 from forgetpack.format.patch import fingerprint
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ def quantize_export(src: str | os.PathLike[str], out: str | os.PathLike[str], fo
     return manifest
 
 
-def quantize_tower(path: Path, tower: Tower, projections: dict[str, Projection], metadata: dict[str, str] | None = None) -> None:
+def quantize_tower(path: Path, tower: Tower, projections: dict[str, ExportedProjection], metadata: dict[str, str] | None = None) -> None:
     """Dynamic int8 quantization of MatMul/Gemm weights, in place, projection excluded.
 
     ``metadata`` is added to the graph's own (the int8 copy gets its own graph id).

@@ -50,7 +50,7 @@ class Tower:
 
 
 @dataclass
-class Projection:
+class ExportedProjection:
     """A patchable projection matrix and the ONNX initializer that holds it."""
 
     tower: str  # "image" | "text"
@@ -73,7 +73,7 @@ class Manifest:
     export_id: str  # sha256 of the manifest's content (content_id): any edit shows
     graph_id: str  # stamped into every graph of the export
     towers: dict[str, Tower]
-    projections: dict[str, Projection]
+    projections: dict[str, ExportedProjection]
     preprocess: dict[str, Any]
     tokenizer: dict[str, Any]
     logit_scale: float
@@ -125,7 +125,7 @@ class Manifest:
         validate_manifest(data, str(path))
         try:
             towers = {name: Tower(**t) for name, t in data.pop("towers").items()}
-            projections = {name: Projection(**p) for name, p in data.pop("projections").items()}
+            projections = {name: ExportedProjection(**p) for name, p in data.pop("projections").items()}
             manifest = cls(towers=towers, projections=projections, **data)
         except (KeyError, TypeError, AttributeError) as exc:
             raise ForgetpackError(f"{path}: malformed manifest ({exc})") from None

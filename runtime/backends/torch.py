@@ -47,7 +47,7 @@ class TorchBackend(Backend):
         self.preprocess = loaded.preprocess
         self.tokenizer = loaded.tokenizer
         self.logit_scale = float(self.model.logit_scale.exp().item())
-        projections = [find_projection(self.model, side) for side in ("text", "visual")]
+        projections = [find_projection(self.model, side) for side in ("text", "image")]
         self._base = read_matrices(self.model, [p.target for p in projections])
         self.targets: dict[str, TargetInfo] = targets_of(self._base, layouts={p.target: p.layout for p in projections})
         self.baked = ()
