@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from forgetpack.format.errors import ForgetpackError
+from forgetpack.format.errors import ForgetpackError, one_line
 from forgetpack.format.fileio import check_input_file
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
@@ -76,13 +76,9 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ForgetpackError(f"{name}: image refused ({exc})") from None
     except (OSError, ValueError, SyntaxError) as exc:  # PIL's UnidentifiedImageError is an OSError
-        raise ForgetpackError(f"{name}: cannot decode image ({_short(exc)})") from None
+        raise ForgetpackError(f"{name}: cannot decode image ({one_line(exc, 200)})") from None
     return image
 
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
 
 
 # ---------------------------------------------------------------------------- the steps
@@ -169,7 +165,7 @@ class Preprocessor:
         try:
             return self._apply(image)
         except (ValueError, OSError) as exc:  # e.g. a 1-pixel-high image that resizes to height 0
-            raise ForgetpackError(f"cannot preprocess a {image.size[0]}x{image.size[1]} {image.mode} image ({_short(exc)})") from None
+            raise ForgetpackError(f"cannot preprocess a {image.size[0]}x{image.size[1]} {image.mode} image ({one_line(exc, 200)})") from None
 
     def _apply(self, image: Image.Image) -> np.ndarray:
         data: Any = image

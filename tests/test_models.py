@@ -130,7 +130,7 @@ def test_mini_loads_when_shipped() -> None:
 
 def test_projection_registry_on_open_clip_towers(vit, rn50) -> None:
     text = find_projection(vit.model, "text")
-    assert (text.target, text.layout, text.tower, text.bias) == ("text_projection", "in_out", "openai-text", None)
+    assert (text.target, text.layout, text.rule, text.bias) == ("text_projection", "in_out", "openai-text", None)
     visual = find_projection(vit.model, "image")
     assert (visual.target, visual.layout, visual.rule) == ("visual.proj", "in_out", "vit")
     assert projection_matrix(vit.model, text).shape == (512, 512)
@@ -184,7 +184,7 @@ def test_projection_registry_refuses_what_it_cannot_patch() -> None:
         find_projection(_Model(text=HFTextEncoder(torch.nn.Identity())), "text")
     with pytest.raises(ForgetpackError, match="unknown text tower 'GRU'"):
         find_projection(_Model(text=torch.nn.GRU(4, 4)), "text")
-    with pytest.raises(ForgetpackError, match="unknown visual tower 'Conv2d'"):
+    with pytest.raises(ForgetpackError, match="unknown image tower 'Conv2d'"):
         find_projection(_Model(visual=torch.nn.Conv2d(3, 3, 1)), "image")
     timm = find_projection(_Model(visual=TimmModel()), "image")
     assert (timm.target, timm.layout, timm.bias) == ("visual.head.proj.weight", "out_in", "visual.head.proj.bias")

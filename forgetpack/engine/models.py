@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from forgetpack.format.errors import ForgetpackError
+from forgetpack.format.errors import ForgetpackError, one_line
 
 RANDOM_INIT_SEED = 0  # the seed of every ``ARCH:none`` model; changing it changes every base fingerprint
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz")
@@ -102,7 +102,7 @@ def _load_random(arch: str, device: str) -> LoadedModel:
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, pretrained_text=False)
         except Exception as exc:  # e.g. an HF text tower whose config must be downloaded
-            raise ForgetpackError(f"cannot build {arch} with random weights: {_one_line(exc)}") from exc
+            raise ForgetpackError(f"cannot build {arch} with random weights: {one_line(exc)}") from exc
     return _finish(model, preprocess, open_clip.get_tokenizer(arch), f"{arch}:none", arch, device)
 
 
@@ -115,7 +115,7 @@ def _load_tagged(arch: str, tag: str, device: str) -> LoadedModel:
     except Exception as exc:
         raise ForgetpackError(
             f"cannot load {arch}:{tag}: the weights are not cached and could not be downloaded "
-            f"(offline?): {_one_line(exc)}"
+            f"(offline?): {one_line(exc)}"
         ) from exc
     return _finish(model, preprocess, open_clip.get_tokenizer(arch), f"{arch}:{tag}", arch, device)
 
@@ -131,7 +131,7 @@ def _load_checkpoint(arch: str, path: Path, device: str) -> LoadedModel:
                 arch, pretrained=str(path), weights_only=True, pretrained_text=False
             )
     except Exception as exc:  # wrong architecture, truncated file, refused pickle, ...
-        raise ForgetpackError(f"cannot load checkpoint {path} as {arch}: {_one_line(exc)}") from exc
+        raise ForgetpackError(f"cannot load checkpoint {path} as {arch}: {one_line(exc)}") from exc
     return _finish(model, preprocess, open_clip.get_tokenizer(arch), f"{arch}:{path.resolve()}", arch, device)
 
 
@@ -145,7 +145,7 @@ def _load_hf_hub(spec: str, device: str) -> LoadedModel:
             model, _, preprocess = open_clip.create_model_and_transforms(spec, weights_only=True)
             tokenizer = open_clip.get_tokenizer(spec)
     except Exception as exc:
-        raise ForgetpackError(f"cannot load {spec}: not cached and could not be downloaded (offline?): {_one_line(exc)}") from exc
+        raise ForgetpackError(f"cannot load {spec}: not cached and could not be downloaded (offline?): {one_line(exc)}") from exc
     return _finish(model, preprocess, tokenizer, spec, spec, device)
 
 
@@ -188,7 +188,3 @@ def _quiet_open_clip() -> Iterator[None]:
     finally:
         root.setLevel(level)
 
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."

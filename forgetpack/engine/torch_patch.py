@@ -6,7 +6,7 @@ patched here holds exactly the matrices ``forgetpack apply`` would write to disk
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,14 +40,20 @@ def apply_patches(
     ``base_fingerprints`` are the unpatched model's; by default the model is taken to be
     the base. Each patch must fit (``forgetpack.format.fit``) the state the ones before it left.
     """
-    import torch
 
     names = sorted({n for p in patches for n in p.targets})
     current = read_matrices(model, names)
     targets = targets_of(current, base_fingerprints)
     current = apply_in_order(current, patches, targets, model="the model")
-    with torch.no_grad():
-        for n, matrix in current.items():
-            param = _parameter(model, n)
-            param.copy_(torch.from_numpy(matrix).to(param.device, param.dtype))
+    write_matrices(model, current)
     return {n: fingerprint(m) for n, m in current.items()}
+
+
+def write_matrices(model: torch.nn.Module, matrices: Mapping[str, np.ndarray]) -> None:
+    """Copy matrices into the model's parameters of the same names, exactly (no arithmetic)."""
+    import torch
+
+    with torch.no_grad():
+        for name, matrix in matrices.items():
+            param = _parameter(model, name)
+            param.copy_(torch.from_numpy(np.ascontiguousarray(matrix)).to(param.device, param.dtype))

@@ -137,21 +137,13 @@ def export_loaded(loaded: LoadedModel, out: PathLike, patches: Patches = (), qua
 @contextlib.contextmanager
 def _holding(model: Any, patched: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> Iterator[None]:
     """The model holds the patched matrices while it is exported, and its own again afterwards."""
-    _write_matrices(model, patched)
+    from forgetpack.engine.torch_patch import write_matrices
+
+    write_matrices(model, patched)
     try:
         yield
     finally:
-        _write_matrices(model, base)
-
-
-def _write_matrices(model: Any, matrices: Mapping[str, np.ndarray]) -> None:
-    """Copy matrices into the model's parameters of the same names (exact: same dtype, no arithmetic)."""
-    import torch
-
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in matrices.items():
-            params[name].copy_(torch.from_numpy(value))
+        write_matrices(model, base)
 
 
 def _graph_id(model_id: str, base: dict[str, str], current: dict[str, str], patches: Sequence[Patch],

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from forgetpack.format.errors import ForgetpackError
+from forgetpack.format.errors import ForgetpackError, one_line
 from forgetpack.format.manifest import GRAPH_ID_KEY, ExportedProjection, Tower
 from forgetpack.format.onnxfile import OnnxFile
 from forgetpack.format.patch import fingerprint
@@ -272,8 +272,3 @@ def quiet() -> Iterator[None]:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
 
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one short line, for wrapping third-party failures in a ForgetpackError."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."

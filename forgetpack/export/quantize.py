@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from forgetpack.export.graph import initializer, one_line, quiet, set_metadata
-from forgetpack.format.errors import ForgetpackError
+from forgetpack.export.graph import initializer, quiet, set_metadata
+from forgetpack.format.errors import ForgetpackError, one_line
 from forgetpack.format.fileio import atomic_directory
 from forgetpack.format.manifest import GRAPH_ID_KEY, ExportedProjection, Manifest, Tower
 from forgetpack.format.patch import fingerprint

@@ -22,3 +22,9 @@ class CheckpointError(ForgetpackError):
 
 class SignatureError(PatchError):
     """A signature is missing, malformed or does not verify."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message as one short line: how a third-party failure is quoted in a ForgetpackError."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -32,7 +32,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from forgetpack.format.errors import ForgetpackError
+from forgetpack.format.errors import ForgetpackError, one_line
 
 # safetensors dtype code <-> numpy dtype (bf16 has no numpy dtype: it can be copied raw,
 # never decoded).
@@ -327,10 +327,6 @@ def read_safetensors(
             for name, info in header.items()
         }
     except Exception as exc:  # any failure to parse untrusted bytes is a user error
-        raise error(f"{path}: not a readable safetensors {what} ({_short(exc)})") from None
+        raise error(f"{path}: not a readable safetensors {what} ({one_line(exc, 200)})") from None
     return tensors, dict(metadata)
 
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]

@@ -73,13 +73,10 @@ class TorchBackend(Backend):
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
     def set_patches(self, patches: Sequence[Patch]) -> None:
-        matrices = apply_in_order(self._base, patches, self.targets, model=self.model_id)  # the model is untouched if it raises
-        import torch
+        from forgetpack.engine.torch_patch import write_matrices
 
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in matrices.items():
-                params[name].copy_(torch.from_numpy(value).to(params[name].device, params[name].dtype))
+        matrices = apply_in_order(self._base, patches, self.targets, model=self.model_id)  # the model is untouched if it raises
+        write_matrices(self.model, matrices)
 
 
 def _spec(source: str | os.PathLike[str]) -> str:
