@@ -1,0 +1,90 @@
+"""Does a variant still reach a forgotten class? Measured in text space, with no images.
+
+As in verification (``forgetpack.engine.measure``), the images of a forget name are stood in
+for by its *original* embedding under the variant's template. The variant reaches the class
+when, classified over the retained classes and the variant itself (all phrased in that
+template), the stand-in picks the variant: a user labelling images with that variant would get
+the forgotten class back. A variant the base model itself does not recognise that way ("sieben"
+for a model that never learned German) is no bypass, so each outcome says both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from forgetpack.engine.measure import Change, TextSpace
+from forgetpack.engine.preserve import unit_rows
+from forgetpack.engine.variants import Variant
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one variant does before and after a change."""
+
+    variant: Variant
+    recognised: bool  # the base model picks the variant for the name's stand-in
+    reached: bool  # the changed model still does: a bypass, if recognised
+
+    @property
+    def bypass(self) -> bool:
+        return self.recognised and self.reached
+
+    def to_json(self) -> dict[str, object]:
+        return {**self.variant.to_json(), "recognised": self.recognised, "reached": self.reached}
+
+
+def prompts_needed(variants: Sequence[Variant], retained: Sequence[str]) -> list[str]:
+    """Every prompt :func:`outcomes` embeds: encode these first (``TextSpace.features``)."""
+    out: dict[str, None] = {}
+    for v in variants:
+        out.setdefault(v.prompt)
+        out.setdefault(v.template.format(v.name))
+    for template in dict.fromkeys(v.template for v in variants):
+        out.update(dict.fromkeys(template.format(r) for r in retained))
+    return list(out)
+
+
+def outcomes(space: TextSpace, change: Change | None, variants: Sequence[Variant], retained: Sequence[str]) -> list[Outcome]:
+    """Each variant's outcome against the ``retained`` classes (forget names and their aliases
+    excluded by the caller). ``change`` None measures the base model only (``reached`` equals
+    ``recognised``)."""
+    out = []
+    by_template: dict[str, list[Variant]] = {}
+    for v in variants:
+        by_template.setdefault(v.template, []).append(v)
+    for template, group in by_template.items():
+        others = [template.format(r) for r in retained]
+        stand_in = unit_rows(space.embed([template.format(v.name) for v in group]))
+        base_others = unit_rows(space.embed(others)) if others else np.zeros((0, stand_in.shape[1]))
+        base_own = unit_rows(space.embed([v.prompt for v in group]))
+        recognised = _wins(stand_in, base_own, base_others)
+        if change is None:
+            reached = recognised
+        else:
+            new_others = unit_rows(space.embed_changed(others, change)) if others else base_others
+            reached = _wins(stand_in, unit_rows(space.embed_changed([v.prompt for v in group], change)), new_others)
+        out += [Outcome(v, bool(r), bool(h)) for v, r, h in zip(group, recognised, reached, strict=True)]
+    return out
+
+
+def _wins(stand_in: np.ndarray, own: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Row by row: does the variant's embedding beat every other class for the stand-in?"""
+    own_score = np.sum(stand_in * own, axis=1)
+    best_other = (stand_in @ others.T).max(axis=1) if len(others) else np.full(len(own_score), -np.inf)
+    return own_score > best_other
+
+
+def summarise(results: Sequence[Outcome]) -> dict[str, dict[str, int | float]]:
+    """Per family: variants tried, recognised by the base model, and bypasses (recognised and still reached)."""
+    out: dict[str, dict[str, int | float]] = {}
+    for r in results:
+        row = out.setdefault(r.variant.family, {"tried": 0, "recognised": 0, "bypasses": 0})
+        row["tried"] += 1
+        row["recognised"] += int(r.recognised)
+        row["bypasses"] += int(r.bypass)
+    for row in out.values():
+        row["bypass_share"] = round(row["bypasses"] / row["recognised"], 4) if row["recognised"] else 0.0
+    return out
