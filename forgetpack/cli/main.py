@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "forget": "forgetpack.cli.commands.forget:forget",
     "compose": "forgetpack.cli.commands.forget:compose",
     "eval": "forgetpack.cli.commands.evaluate:evaluate",
+    "audit": "forgetpack.cli.commands.audit:audit",
     "inspect": "forgetpack.cli.commands.patch:inspect",
     "verify": "forgetpack.cli.commands.patch:verify",
     "apply": "forgetpack.cli.commands.patch:apply",
