@@ -67,6 +67,7 @@ class FamilyContext:
     lexicon: dict[str, tuple[str, ...]] = field(default_factory=dict)  # normalised name -> variants
     loaded: Any = None  # a LoadedModel, for families that search the model itself
     candidates: tuple[str, ...] = ()  # the classes a variant competes with
+    max_tokens: int | None = None  # the aliases family: vocabulary tokens searched, in vocabulary order (None: all)
 
 
 class Family(Protocol):

@@ -7,14 +7,12 @@ imported inside the commands, so ``forgetpack --help`` stays light.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from forgetpack.cli.render import Table, console, print_json, show, warn
+from forgetpack.cli.render import Table, print_json, progress_bar, show, warn
 from forgetpack.engine.request import DEFAULT_SOLVER, TARGET_NORMS, TARGETS, ForgetRequest
 from forgetpack.engine.solvers import available_solvers
 from forgetpack.format.errors import ForgetpackError
@@ -27,20 +25,6 @@ RETAIN_WARNING = 0.98
 _SOLVERS = click.Choice(sorted(available_solvers()))
 _TARGETS = click.Choice(TARGETS)
 _NORMS = click.Choice(TARGET_NORMS)
-
-
-@contextlib.contextmanager
-def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A progress bar on stderr while text is encoded (none with --json)."""
-    if not enabled:
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("encoding text"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console(stderr=True), transient=True) as bar:
-        task = bar.add_task("encoding text", total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def _print_result(result: Any, output: Path, as_json: bool) -> None:
@@ -116,7 +100,7 @@ def forget(model: str, forget_names: tuple[str, ...], preserve: tuple[str, ...],
     from forgetpack.engine.solve import forget as run_forget
 
     loaded = load_model(model)
-    with _progress_bar(not as_json) as progress:
+    with progress_bar(not as_json) as progress:
         result = run_forget(loaded, request, progress=progress)
     result.patch.save(output)
     _print_result(result, output, as_json)
@@ -140,7 +124,7 @@ def compose(model: str, patches: tuple[Path, ...], output: Path, solver: str | N
     from forgetpack.engine.solve import compose as run_compose
 
     loaded = load_model(model)
-    with _progress_bar(not as_json) as progress:
+    with progress_bar(not as_json) as progress:
         result = run_compose(loaded, loaded_patches, progress=progress, solver=solver, rank=rank)
     result.patch.save(output)
     _print_result(result, output, as_json)
