@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from forgetpack.engine import features
-from forgetpack.engine.measure import measure_patches
+from forgetpack.engine.measure import PROBE_TEMPLATES, measure_patches
 from forgetpack.engine.models import LoadedModel, load_model
 from forgetpack.engine.projections import find_projection, projection_bias, projection_matrix
 from forgetpack.engine.request import Effect, ForgetRequest, Recipe
@@ -105,6 +105,27 @@ def test_acceptance(spec: str, names: list[str], extra) -> None:
     from forgetpack.format.patch import fingerprint
 
     assert patch.base[proj.target] == fingerprint(projection_matrix(loaded.model, proj))
+
+
+def test_a_lost_retained_class_is_repaired_not_averaged_away() -> None:
+    """Forgetting "two" and "nine" together: the first solve keeps every candidate under the five
+    forgetting templates, so the aggregate rule accepted it, but loses "one" under held-out probe
+    phrasings (and that patch cost 14 pt of UCI "one" images). A lost class is repaired: at the
+    end no retained candidate loses its class under any template or probe."""
+    loaded = model("mini")
+    result = forget(loaded, ["two", "nine"])
+    report = result.report
+    first = report["attempts"][0]
+    assert first["outranked"] and first["retained_min"] >= 0.98 and "one" in first["lost"]  # what the old rule kept
+    assert report["effect"]["lost"] == {} and result.patch.effect["lost"] == {}
+    verdicts = report["classes"]
+    assert verdicts["two"] == verdicts["nine"] == "forgotten" and verdicts["one"] == "repaired"
+    assert "lost" not in verdicts.values()
+    assert all(verdicts[n] in ("kept", "repaired") for n in report["recipe"]["preserve"])
+    assert result.patch.rank == 2  # a repair costs no rank
+    # independently of forgetpack.engine.measure, under every template and probe
+    predicted, retained = classify_check(loaded, result, [*report["recipe"]["templates"], *PROBE_TEMPLATES])
+    assert retained == 1.0 and all(now != name for (name, _), now in predicted.items())
 
 
 def test_patch_round_trip_and_wrong_base(tmp_path) -> None:

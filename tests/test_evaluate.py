@@ -97,6 +97,27 @@ def test_scores_split_forget_and_other_datasets():
     assert data["forgetting"]["mnist"]["forget_acc"] == {"base": 1.0, "patched": 0.0}
 
 
+def test_worst_retained_class_is_in_the_json_and_the_table():
+    """One collapsing class must show next to the aggregate, on every dataset (forgotten classes are not retained)."""
+    from rich.console import Console
+
+    from forgetpack.cli.report import render_table
+
+    base, patched = _toy_results()
+    report = EvalReport("toy", ["p.fpatch"], ["seven"], base, patched, ev.forget_scores(base, patched, ["seven"]))
+    worst = json.loads(json.dumps(report.to_json()))["worst_retained_class"]
+    assert worst["mnist"] == {"class": "zero", "base": 1.0, "patched": 0.5, "drop_pt": 50.0}  # not "seven" (-100 pt)
+    assert worst["letters"] == {"class": "B", "base": 1.0, "patched": 0.0, "drop_pt": 100.0}  # no forgotten class here
+    console = Console(record=True, width=200, markup=False, emoji=False, highlight=False)
+    render_table(report, console=console)
+    rows = [line for line in console.export_text().splitlines() if "worst retained class" in line]
+    assert len(rows) == 2
+    cells = [[c.strip() for c in row.split("│")[1:-1]] for row in rows]
+    assert cells == [["", "worst retained class (zero)", "100.0", "50.0", "-50.0"],
+                     ["", "worst retained class (B)", "100.0", "0.0", "-100.0"]]
+    assert EvalReport("toy", [], [], base, None, {}).to_json()["worst_retained_class"] == {}  # nothing to compare
+
+
 def test_input_checks():
     data = {"mnist": LabeledImages("mnist", [], np.zeros(0, np.int64), list(DIGIT_NAMES))}
     assert check_forget(["seven", " seven", "three"], data) == ["seven", "three"]

@@ -128,7 +128,7 @@ def test_progress_goes_to_stderr_and_never_with_json(monkeypatch, tmp_path, caps
         def __exit__(self, *exc):
             return False
 
-    monkeypatch.setattr(command, "_progress_bar", Bar)
+    monkeypatch.setattr(command, "progress_bar", Bar)
     monkeypatch.setenv("FORGETPACK_CACHE", "off")  # nothing cached: every prompt is encoded
     from forgetpack.engine import features
 

@@ -84,6 +84,7 @@ def _summary(report: EvalReport) -> Any:
     def row(dataset: str, measure: str, base: float, patched: float) -> None:
         summary.add_row(dataset, measure, *_accuracy_cells(base, patched if has_patch else None))
 
+    worst = report.worst_retained
     for name, b in report.base.items():
         all_after = report.patched[name].acc1 if report.patched else math.nan
         score = report.scores.get(name)
@@ -93,6 +94,8 @@ def _summary(report: EvalReport) -> Any:
             row("", "all classes", b.acc1, all_after)
         else:
             row(name, "all classes", b.acc1, all_after)
+        if name in worst:  # an aggregate can hide one class collapsing
+            row("", f"worst retained class ({worst[name].classname})", worst[name].base, worst[name].patched)
         summary.add_section()
     return summary
 

@@ -2,7 +2,13 @@
 
 Images are stood in for by each candidate's *original* embedding and classified over the
 candidates' *patched* embeddings, template by template: a forget name is *outranked* when some
-other candidate now wins for its own stand-in, and every other candidate should keep its class.
+other candidate now wins for its own stand-in, and every other candidate should keep its class,
+each one, under every template: a retained candidate that loses its class is *lost*, whatever the
+average. Besides the request's templates, retained candidates are checked under a few held-out
+*probe* phrasings (``PROBE_TEMPLATES``) that nothing is solved on: a solve that pins a class down
+under five phrasings can still drag it along under a sixth, and images do not use the request's
+phrasings (forgetting "two" and "nine" kept every candidate under the five forgetting templates,
+lost "one" under four probes, and cost 14 pt of UCI "one" images).
 :class:`TextSpace` holds the features and embeddings of every prompt the engine looked at;
 :class:`SolveContext` holds it together with the names one request works on, and is what every
 step of a solve receives.
@@ -10,7 +16,7 @@ step of a solve receives.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +28,13 @@ from forgetpack.engine.request import Effect, NameEffect
 from forgetpack.format.patch import Layer, Patch
 
 MOVED_MIN = 1e-4  # cosine drift below which a name has not moved
+# Held-out phrasings retained candidates are checked under (open_clip's ImageNet templates, none
+# of them a forgetting template); never solved on unless a repair adds a lost class under them.
+PROBE_TEMPLATES = (
+    "a bad photo of the {}.", "a black and white photo of the {}.", "a low resolution photo of the {}.",
+    "a pixelated photo of the {}.", "a close-up photo of the {}.", "a cropped photo of the {}.",
+    "a drawing of a {}.", "itap of a {}.",
+)  # fmt: skip
 
 # A change of the feature-form projection: the whole patched matrix, or the low-rank factors
 # ``(up, down)`` of its update (the same numbers, far cheaper on a big vocabulary).
@@ -73,10 +86,21 @@ class SolveContext:
     neighbourhood: Neighbourhood
     templates: tuple[str, ...]
     pool: tuple[str, ...]  # the whole vocabulary (forget names excluded)
+    probes: tuple[str, ...] = ()  # held-out templates retained candidates are also checked under
+    emphasis: Mapping[str, float] = field(default_factory=dict)  # preserve prompt -> weight factor (repairs)
 
     def prompts(self, names: Sequence[str]) -> list[str]:
         """Every template of every name, template-major (the order of the solver's rows)."""
         return [t.format(n) for t in self.templates for n in names]
+
+    def checked_prompts(self) -> list[str]:
+        """Every prompt ``measure`` embeds: each candidate under each template and probe."""
+        return [t.format(c) for t in (*self.templates, *self.probes) for c in self.candidates]
+
+
+def probe_templates(templates: Sequence[str]) -> tuple[str, ...]:
+    """The probes a request with ``templates`` is checked under (those it does not solve on)."""
+    return tuple(t for t in PROBE_TEMPLATES if t not in templates)
 
 
 def candidates_of(forget: Sequence[str], preserve: Sequence[str], hood: Neighbourhood) -> tuple[str, ...]:
@@ -95,9 +119,10 @@ def measure(ctx: SolveContext, change: Change) -> Effect:
     """The text-space effect of ``change`` on the candidates of ``ctx``.
 
     For each template, each candidate's original embedding is classified over the candidates'
-    changed embeddings. ``vocabulary_retained`` does the same over the whole vocabulary with
-    bare names (their features are at hand anyway), which shows what happens to names that were
-    neither preserved nor neighbours.
+    changed embeddings; ``retained`` counts the request's templates, ``lost`` names every
+    retained candidate that loses its class under any template or probe. ``vocabulary_retained``
+    does the same over the whole vocabulary with bare names (their features are at hand anyway),
+    which shows what happens to names that were neither preserved nor neighbours.
     """
     space, candidates, hood = ctx.space, ctx.candidates, ctx.neighbourhood
     forget_set = set(ctx.forget)
@@ -109,11 +134,16 @@ def measure(ctx: SolveContext, change: Change) -> Effect:
     outranked = dict.fromkeys(ctx.forget, True)
     retained_by_template = {}
     lost: dict[str, list[str]] = {}
-    for t in ctx.templates:
+    for t in (*ctx.templates, *ctx.probes):
         prompts = [t.format(c) for c in candidates]
         before = unit_rows(space.embed(prompts))
         after = unit_rows(space.embed_changed(prompts, change))
         pred = np.argmax(before @ after.T, axis=1)
+        for c in keepers:
+            if pred[idx[c]] != idx[c]:
+                lost.setdefault(c, []).append(t)
+        if t not in ctx.templates:
+            continue  # a probe: per-class verdicts only
         for f in ctx.forget:
             i = idx[f]
             similarity[f].append(float(before[i] @ after[i]))
@@ -122,9 +152,6 @@ def measure(ctx: SolveContext, change: Change) -> Effect:
                 outranked[f] = False
         kept = [c for c in keepers if pred[idx[c]] == idx[c]]
         retained_by_template[t] = len(kept) / len(keepers) if keepers else 1.0
-        for c in keepers:
-            if pred[idx[c]] != idx[c]:
-                lost.setdefault(c, []).append(t)
     drift = 0.0
     if ctx.preserve:
         pp = ctx.prompts(ctx.preserve)
@@ -180,8 +207,8 @@ def measure_patches(loaded: Any, patches: Sequence[Patch], report: dict[str, Any
     candidates = candidates_of(forget, preserve, hood)
     known = recipe.get("vocabulary", {})
     pool = tuple(full_vocabulary([*known.get("model", []), *known.get("extra", []), *preserve], exclude=forget))
-    prompts = list(dict.fromkeys([*pool, *forget, *(t.format(c) for t in templates for c in candidates)]))
-    space = TextSpace(dict(zip(prompts, text_features(loaded, prompts), strict=True)), proj.feature_form(W),
-                      projection_bias(loaded.model, proj))
-    ctx = SolveContext(space, proj, forget, preserve, candidates, hood, templates, pool)
+    space = TextSpace({}, proj.feature_form(W), projection_bias(loaded.model, proj))
+    ctx = SolveContext(space, proj, forget, preserve, candidates, hood, templates, pool, probe_templates(templates))
+    prompts = list(dict.fromkeys([*pool, *forget, *ctx.checked_prompts()]))
+    space.features.update(zip(prompts, text_features(loaded, prompts), strict=True))
     return measure(ctx, proj.feature_form(patched))

@@ -208,9 +208,11 @@ class Effect:
     candidates: int
     aliases: dict[str, list[str]] = field(default_factory=dict)  # forget name -> aliases (never preserved)
     dropped_preserve: list[str] = field(default_factory=list)  # explicit preserve names dropped as aliases
+    # retained candidate -> the templates (the request's and held-out probes) under which it lost its class;
+    # a verified solve repairs these, so the patch records any it could not
+    lost: dict[str, list[str]] = field(default_factory=dict)
     # measured, reported, not recorded in the patch:
     retained_by_template: dict[str, float] = field(default_factory=dict)
-    lost: dict[str, list[str]] = field(default_factory=dict)  # candidate -> templates under which it lost its class
 
     @property
     def all_outranked(self) -> bool:
@@ -230,12 +232,13 @@ class Effect:
             "candidates": self.candidates,
             "aliases": {f: list(a) for f, a in self.aliases.items()},
             "dropped_preserve": list(self.dropped_preserve),
+            "lost": {c: list(t) for c, t in self.lost.items()},
         }
 
     def report(self) -> dict[str, Any]:
         """Everything measured, as JSON (``forgetpack forget --json`` prints it)."""
         return {**self.to_json(), "all_outranked": self.all_outranked,
-                "retained_by_template": dict(self.retained_by_template), "lost": dict(self.lost)}
+                "retained_by_template": dict(self.retained_by_template)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Effect:

@@ -18,7 +18,15 @@ import numpy as np
 
 from forgetpack.evaluation.datasets import BUILTIN, LabeledImages, load_dataset
 from forgetpack.evaluation.image_cache import encode_images, vision_fingerprint
-from forgetpack.evaluation.metrics import TASK, DatasetResult, ForgetScore, forget_scores, json_number
+from forgetpack.evaluation.metrics import (
+    TASK,
+    ClassDrop,
+    DatasetResult,
+    ForgetScore,
+    forget_scores,
+    json_number,
+    worst_class_drops,
+)
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.names import check_templates
 from forgetpack.format.patch import display_name
@@ -50,6 +58,11 @@ class EvalReport:
         values = [s.score for s in self.scores.values() if not math.isnan(s.score)]
         return float(np.mean(values)) if values else math.nan
 
+    @property
+    def worst_retained(self) -> dict[str, ClassDrop]:
+        """Per dataset, the retained class whose recall dropped most (empty without patches)."""
+        return worst_class_drops(self.base, self.patched, self.forget)
+
     def forgotten_indices(self, dataset: str) -> list[int]:
         names = self.base[dataset].classnames
         return [names.index(c) for c in self.forget if c in names]
@@ -77,6 +90,7 @@ class EvalReport:
             "forget": self.forget,
             "results": results,
             "forgetting": {k: v.to_json() for k, v in self.scores.items()},
+            "worst_retained_class": {k: v.to_json() for k, v in self.worst_retained.items()},
             "S": json_number(self.score),
             "skipped_images": self.skipped,
         }
