@@ -26,11 +26,9 @@ encoding images.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from forgetpack.engine.models import load_model  # noqa: E402
-from forgetpack.engine.request import ForgetRequest  # noqa: E402
+from forgetpack.engine.request import DEFAULT_HARDEN_FAMILIES, ForgetRequest  # noqa: E402
 from forgetpack.engine.solve import forget  # noqa: E402
 from forgetpack.evaluation.datasets import DIGIT_NAMES  # noqa: E402
 from forgetpack.evaluation.harness import evaluate  # noqa: E402
@@ -59,13 +57,8 @@ def requests() -> list[list[str]]:
 
 
 def harden_option(wanted: bool) -> dict[str, Any]:
-    """``{"harden": True}`` when asked for and the engine's request has such a field; else nothing."""
-    if not wanted:
-        return {}
-    if "harden" in {f.name for f in dataclasses.fields(ForgetRequest)}:
-        return {"harden": True}
-    print("note: this engine's ForgetRequest has no 'harden' option; --harden does nothing", file=sys.stderr)
-    return {}
+    """``{"harden": the default families}`` when asked for, else nothing."""
+    return {"harden": DEFAULT_HARDEN_FAMILIES} if wanted else {}
 
 
 def run(loaded: Any, names: list[str], options: dict[str, Any]) -> dict[str, Any]:
@@ -160,7 +153,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", type=int, help="run only the first N requests")
-    parser.add_argument("--harden", action="store_true", help="ask the engine to harden each patch (if it can)")
+    parser.add_argument("--harden", action="store_true", help="harden each patch against the default bypass families")
     parser.add_argument("--json", type=Path, help="write every row and the summary here")
     args = parser.parse_args()
     if args.json:

@@ -88,6 +88,7 @@ class SolveContext:
     pool: tuple[str, ...]  # the whole vocabulary (forget names excluded)
     probes: tuple[str, ...] = ()  # held-out templates retained candidates are also checked under
     emphasis: Mapping[str, float] = field(default_factory=dict)  # preserve prompt -> weight factor (repairs)
+    extra_forget: tuple[tuple[str, str], ...] = ()  # hardening: (bypass prompt, the forget name it reaches)
 
     def prompts(self, names: Sequence[str]) -> list[str]:
         """Every template of every name, template-major (the order of the solver's rows)."""

@@ -29,6 +29,8 @@ TARGET_NORMS = ("original", "unit")
 DEFAULT_TARGET = TARGETS[0]
 DEFAULT_TARGET_NORM = TARGET_NORMS[0]
 DEFAULT_BACKGROUND = 1.0  # weight of the whole-vocabulary preserve block, relative to the preserve set
+# bypass families ``--harden`` solves against; the model-searching "aliases" family costs minutes, so it is opt-in
+DEFAULT_HARDEN_FAMILIES = ("templates", "surface", "lexicon")
 BUILTIN_VOCABULARY = "imagenet-1k"  # the name recipes give forgetpack.engine.vocabulary's built-in names
 
 
@@ -50,6 +52,7 @@ class ForgetRequest:
     neighbours: int = DEFAULT_NEIGHBOURS  # vocabulary neighbours per forget name among the candidates
     background: float = DEFAULT_BACKGROUND
     verify: bool = True  # False: no strengthening loop (the effect is still measured)
+    harden: Sequence[str] = ()  # bypass families to solve against until clean (forgetpack.engine.harden); () is off
 
     def __post_init__(self) -> None:
         forget = clean_names(self.forget, "forget")
@@ -70,11 +73,18 @@ class ForgetRequest:
             raise ForgetpackError(f"unknown target norm {self.target_norm!r} (choose from {', '.join(TARGET_NORMS)})")
         templates = check_templates(self.templates, FORGET_TEMPLATES)
         find_solver(self.solver)
+        if self.harden:
+            from forgetpack.engine.variants import available_families
+
+            unknown = sorted(set(self.harden) - set(available_families()))
+            if unknown:
+                raise ForgetpackError(f"unknown variant family {unknown[0]!r} (installed: {', '.join(sorted(available_families()))})")
         normalised = {
             "forget": tuple(forget),
             "preserve": tuple(preserve) if preserve is not None else None,
             "vocabulary": tuple(clean_names(self.vocabulary, "vocabulary")) if self.vocabulary else (),
             "templates": tuple(templates),
+            "harden": tuple(dict.fromkeys(self.harden)),
         }
         for name, value in normalised.items():
             object.__setattr__(self, name, value)  # frozen: set once, here
@@ -109,6 +119,7 @@ class ForgetRequest:
             "target_norm": first.target_norm,
             "templates": list(dict.fromkeys(t for r in recipes for t in r.templates)),
             "seed": first.seed,
+            "harden": list(dict.fromkeys(f for r in recipes for f in r.harden)),
         }
         options.update({k: v for k, v in overrides.items() if v is not None})
         return cls(forget, **options)
@@ -142,6 +153,7 @@ class Recipe:
     background: float
     projection: str
     engine: int | None = ENGINE_VERSION
+    harden: list[str] = field(default_factory=list)  # bypass families it was hardened against (none: not hardened)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -160,6 +172,7 @@ class Recipe:
             "seed": self.seed,
             "background": self.background,
             "projection": self.projection,
+            **({"harden": list(self.harden)} if self.harden else {}),  # absent when off: older patches read the same
         }
 
     @classmethod
@@ -184,6 +197,7 @@ class Recipe:
             background=data.get("background", DEFAULT_BACKGROUND),
             projection=data.get("projection", ""),
             engine=data.get("engine"),
+            harden=list(data.get("harden", [])),
         )
 
 
@@ -211,6 +225,8 @@ class Effect:
     # retained candidate -> the templates (the request's and held-out probes) under which it lost its class;
     # a verified solve repairs these, so the patch records any it could not
     lost: dict[str, list[str]] = field(default_factory=dict)
+    # hardened patches: the last look through the bypass grid (per family: tried, recognised, bypasses)
+    audit: dict[str, Any] = field(default_factory=dict)
     # measured, reported, not recorded in the patch:
     retained_by_template: dict[str, float] = field(default_factory=dict)
 
@@ -233,6 +249,7 @@ class Effect:
             "aliases": {f: list(a) for f, a in self.aliases.items()},
             "dropped_preserve": list(self.dropped_preserve),
             "lost": {c: list(t) for c, t in self.lost.items()},
+            **({"audit": dict(self.audit)} if self.audit else {}),
         }
 
     def report(self) -> dict[str, Any]:
@@ -253,4 +270,5 @@ class Effect:
             dropped_preserve=list(data.get("dropped_preserve", [])),
             retained_by_template=dict(data.get("retained_by_template", {})),
             lost={c: list(t) for c, t in data.get("lost", {}).items()},
+            audit=dict(data.get("audit", {})),
         )

@@ -28,7 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from forgetpack.engine import harden
 from forgetpack.engine.measure import (
+    Change,
     SolveContext,
     TextSpace,
     candidates_of,
@@ -119,7 +121,10 @@ def forget(loaded: Any, request: ForgetRequest | Sequence[str], *, progress: Pro
     # 5. the fewest factors that do as well as all of them (a smaller patch)
     if request.verify and request.rank is None and solver.nested_ranks:
         t0 = time.perf_counter()
-        solved = smallest_rank(ctx, solved)
+        grid, rounds = (harden.grid_for(ctx, request.harden), solved.effect.audit.get("rounds", 0)) if request.harden else (None, 0)
+        solved = smallest_rank(ctx, solved, harden.no_worse(ctx, grid, solved) if grid else None)
+        if grid:
+            solved = harden.with_audit(solved, harden.check(ctx, grid, feature_change(solved.layer, ctx.projection)), rounds)
         timings["solve"] += time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
 
@@ -128,7 +133,7 @@ def forget(loaded: Any, request: ForgetRequest | Sequence[str], *, progress: Pro
         model_vocabulary=model_names, extra_vocabulary=list(request.vocabulary), solver=solver.name,
         target=request.target, target_norm=request.target_norm, templates=list(request.templates),
         weights=solved.weights, rank=request.rank, seed=request.seed, background=request.background,
-        projection=proj.target,
+        projection=proj.target, harden=list(request.harden),
     )  # fmt: skip
     patch = Patch.create(loaded.model_id, base={proj.target: W}, layers=[solved.layer], layouts={proj.target: proj.layout},
                          recipe=recipe.to_json(), effect=solved.effect.to_json())
@@ -172,6 +177,12 @@ def _solve_rounds(loaded: Any, ctx: SolveContext, solver: Solver, request: Forge
             break
         preserve = [*ctx.preserve, *moved]
         ctx = replace(ctx, preserve=tuple(preserve), candidates=candidates_of(ctx.forget, preserve, ctx.neighbourhood))
+    if request.harden:  # solve again while the bypass grid finds something (forgetpack.engine.harden)
+        grid = harden.grid_for(ctx, request.harden)
+        timings["encode_templates"] += _encode(loaded, ctx.space, grid.prompts(ctx), progress)
+        t0 = time.perf_counter()
+        ctx, solved = harden.run(ctx, grid, solved, lambda c: solve_verified(c, solver, request, solved.weights, attempts))
+        timings["solve"] += time.perf_counter() - t0
     return ctx, solved, attempts
 
 
@@ -204,14 +215,17 @@ def build_problem(ctx: SolveContext, solver: Solver, request: ForgetRequest, wei
     templates join the preserve rows."""
     M, bias = ctx.space.M, ctx.space.bias
     preserve_prompts = list(dict.fromkeys([*ctx.prompts(ctx.preserve), *ctx.emphasis]))
+    forget_prompts = [*ctx.prompts(ctx.forget), *(p for p, _ in ctx.extra_forget)]
     T = forget_targets(ctx, request.target, request.target_norm, request.seed)
+    if ctx.extra_forget:  # hardening's bypass prompts go to their own antipode, whatever the target
+        T = np.concatenate([T, -ctx.space.embed([p for p, _ in ctx.extra_forget])])
     X_p = ctx.space.features_of(preserve_prompts) if preserve_prompts else np.zeros((0, M.shape[0]))
     if ctx.emphasis:
         X_p *= np.sqrt([ctx.emphasis.get(p, 1.0) for p in preserve_prompts])[:, None]
     n_preserve = len(X_p)
     if request.background > 0 and solver.uses_background:
         X_p = np.concatenate([X_p, background_rows(ctx, n_preserve, request.background)])
-    return Problem(M=M, X_f=ctx.space.features_of(ctx.prompts(ctx.forget)), T=T - bias if bias is not None else T,
+    return Problem(M=M, X_f=ctx.space.features_of(forget_prompts), T=T - bias if bias is not None else T,
                    X_p=X_p, Y_p=X_p @ M, weights=weights, rank=request.rank, seed=request.seed,
                    n_preserve=n_preserve or None)
 
@@ -312,7 +326,7 @@ def class_verdicts(ctx: SolveContext, effect: Effect, attempts: list[dict[str, A
     return verdicts
 
 
-def smallest_rank(ctx: SolveContext, solved: Solved) -> Solved:
+def smallest_rank(ctx: SolveContext, solved: Solved, accept: Callable[[Change], bool] | None = None) -> Solved:
     """The fewest leading factors that do as well as all of them.
 
     For a solver with ``nested_ranks`` the first ``r`` factor columns are themselves the exact
@@ -331,7 +345,8 @@ def smallest_rank(ctx: SolveContext, solved: Solved) -> Solved:
         layer = trial.layer(ctx.projection)
         e = measure(ctx, feature_change(layer, ctx.projection))
         if (e.all_outranked and len(e.lost) <= len(effect.lost) and e.retained_min >= effect.retained_min
-                and e.vocabulary_retained >= effect.vocabulary_retained - RANK_SLACK):
+                and e.vocabulary_retained >= effect.vocabulary_retained - RANK_SLACK
+                and (accept is None or accept(feature_change(layer, ctx.projection)))):
             return Solved(trial, layer, e, solved.weights, ctx)
     return solved
 

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from forgetpack.cli.render import Table, print_json, progress_bar, show, warn
-from forgetpack.engine.request import DEFAULT_SOLVER, TARGET_NORMS, TARGETS, ForgetRequest
+from forgetpack.engine.request import DEFAULT_HARDEN_FAMILIES, DEFAULT_SOLVER, TARGET_NORMS, TARGETS, ForgetRequest
 from forgetpack.engine.solvers import available_solvers
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.fileio import check_output_file
@@ -56,6 +56,12 @@ def _print_result(result: Any, output: Path, as_json: bool) -> None:
         info.add_row("aliases", f"{aliases} (not preserved; add them with --forget to forget them too)")
     info.add_row("solver", f"{recipe['solver']}, target {recipe['target']}, rank {report['rank']}, "
                  f"{len(recipe['templates'])} templates, {report['timings']['total']:.1f} s")
+    audit = effect.get("audit")
+    if audit:
+        found = sum(f["bypasses"] for f in audit["families"].values())
+        tried = sum(f["tried"] for f in audit["families"].values())
+        verdict = "clean" if audit["clean"] else f"{found} bypass(es), {len(audit['regressed'])} regressed prompt(s) left"
+        info.add_row("hardened", f"{', '.join(recipe.get('harden', []))}: {tried} variants, {verdict} after {audit['rounds']} round(s)")
     info.add_row("patch", f"{output} ({size:,} bytes)")
     show(table, info)
     if retained < RETAIN_WARNING:
@@ -80,20 +86,27 @@ def _given(**options: Any) -> dict[str, Any]:
 @click.option("--template", "templates", multiple=True, help="A prompt template with '{}' (repeatable; default: 5 common ones).")
 @click.option("--rank", type=int, help="Rank of the update (default: the solver's).")
 @click.option("--seed", type=int, help="Random seed (default 0).")
+@click.option("--harden/--no-harden", default=False, show_default=True,
+              help="Solve again until the bypass grid (other phrasings, spellings, languages) is clean; see 'forgetpack audit'.")
+@click.option("--harden-family", "harden_families", multiple=True,
+              help="A bypass family to harden against (repeatable; default: templates, surface, lexicon).")
 @click.option("-o", "--output", required=True, type=OUT, help="Where to write the patch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def forget(model: str, forget_names: tuple[str, ...], preserve: tuple[str, ...], preserve_file: Path | None,
            auto_preserve: int | None, vocabulary_file: Path | None, solver: str | None, target: str | None,
            target_norm: str | None, templates: tuple[str, ...], rank: int | None, seed: int | None,
-           output: Path, as_json: bool) -> None:
+           harden: bool, harden_families: tuple[str, ...], output: Path, as_json: bool) -> None:
     """Make MODEL forget the --forget classes; write the patch to -o."""
     check_output_file(output, "patch")
     if preserve and preserve_file is not None:
         raise ForgetpackError("give only one of --preserve, --preserve-file")
     explicit = split_names(preserve) if preserve else read_names_file(preserve_file) if preserve_file is not None else None
     extra = read_names_file(vocabulary_file, "vocabulary") if vocabulary_file is not None else ()
+    if harden_families and not harden:
+        raise ForgetpackError("--harden-family needs --harden")
+    families = (tuple(harden_families) or DEFAULT_HARDEN_FAMILIES) if harden else ()
     request = ForgetRequest(split_names(forget_names), preserve=explicit, auto_preserve=auto_preserve, vocabulary=extra,
-                            **_given(solver=solver, target=target, target_norm=target_norm, templates=templates,
+                            harden=families, **_given(solver=solver, target=target, target_norm=target_norm, templates=templates,
                                      rank=rank, seed=seed))
 
     from forgetpack.engine.models import load_model

@@ -1,0 +1,120 @@
+"""Hardening: solve again until the bypass grid is clean, or a budget is spent.
+
+A patch solved for "seven" under five templates may still let "sieben", "SEVEN" or "a sculpture
+of a seven." through, and it may disturb a retained class under a phrasing nobody verified. So
+after a verified solve the engine runs the audit's text-side families
+(``forgetpack.engine.variants``) against the change: every variant the base model recognises
+and the patch leaves reaching the forget name becomes a forget row, and every retained class
+that no longer keeps its own stand-in under the grid's templates becomes preserve rows; then it
+solves again. What the final patch was audited against, and the result, go into its metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from forgetpack.engine.bypass import Outcome, outcomes, prompts_needed, summarise
+from forgetpack.engine.measure import Change, SolveContext, feature_change
+from forgetpack.engine.preserve import unit_rows
+from forgetpack.engine.variants import FamilyContext, Variant, generate
+
+MAX_ROUNDS = 4
+REPAIR_STEP = 4.0  # each round multiplies a regressed prompt's preserve weight by this
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The variants a request is hardened against, and the templates retained classes are checked in."""
+
+    variants: tuple[Variant, ...]
+    templates: tuple[str, ...]
+
+    def prompts(self, ctx: SolveContext) -> list[str]:
+        """Every prompt hardening will embed (encode them before the first check)."""
+        retained = retained_of(ctx)
+        return list(dict.fromkeys([*prompts_needed(self.variants, retained),
+                                   *(t.format(c) for t in self.templates for c in ctx.candidates)]))
+
+
+@dataclass(frozen=True)
+class Check:
+    """One look at a change through the grid."""
+
+    bypasses: tuple[Outcome, ...]  # recognised by the base model and still reaching the forget name
+    regressed: tuple[str, ...]  # prompts of retained classes that lost their own stand-in
+    summary: dict[str, dict[str, int | float]]
+
+    @property
+    def clean(self) -> bool:
+        return not self.bypasses and not self.regressed
+
+
+def grid_for(ctx: SolveContext, families: Sequence[str], context: FamilyContext | None = None) -> Grid:
+    variants = generate(ctx.forget, families, context or FamilyContext(candidates=ctx.candidates))
+    templates = tuple(dict.fromkeys(v.template for v in variants if v.family == "templates")) or ctx.templates
+    return Grid(tuple(variants), templates)
+
+
+def retained_of(ctx: SolveContext) -> list[str]:
+    """The classes a bypass competes with: the candidates less the forget names and their aliases."""
+    gone = {*ctx.forget, *ctx.neighbourhood.alias_names()}
+    return [c for c in ctx.candidates if c not in gone]
+
+
+def check(ctx: SolveContext, grid: Grid, change: Change) -> Check:
+    results = outcomes(ctx.space, change, grid.variants, retained_of(ctx))
+    return Check(tuple(r for r in results if r.bypass), tuple(regressed(ctx, grid.templates, change)), summarise(results))
+
+
+def regressed(ctx: SolveContext, templates: Sequence[str], change: Change) -> list[str]:
+    """Prompts of retained classes whose original embedding now picks another candidate."""
+    keep = set(retained_of(ctx))
+    out = []
+    for t in templates:
+        prompts = [t.format(c) for c in ctx.candidates]
+        before = unit_rows(ctx.space.embed(prompts))
+        after = unit_rows(ctx.space.embed_changed(prompts, change))
+        pred = np.argmax(before @ after.T, axis=1)
+        out += [prompts[i] for i, c in enumerate(ctx.candidates) if c in keep and pred[i] != i]
+    return out
+
+
+def run(ctx: SolveContext, grid: Grid, solved: Any, resolve: Callable[[SolveContext], Any]) -> tuple[SolveContext, Any]:
+    """Solve again (``resolve``) while the grid finds bypasses or regressions, at most ``MAX_ROUNDS``
+    times; the solve returned carries the last look through the grid in its effect (``audit``)."""
+    result = check(ctx, grid, feature_change(solved.layer, ctx.projection))
+    rounds = 0
+    while not result.clean and rounds < MAX_ROUNDS:
+        rounds += 1
+        solved = resolve(harder(ctx, result))
+        ctx = solved.context
+        result = check(ctx, grid, feature_change(solved.layer, ctx.projection))
+    return ctx, with_audit(solved, result, rounds)
+
+
+def with_audit(solved: Any, result: Check, rounds: int) -> Any:
+    audit = {"families": result.summary, "rounds": rounds, "clean": result.clean,
+             "bypasses": [o.variant.prompt for o in result.bypasses], "regressed": list(result.regressed)}
+    return replace(solved, effect=replace(solved.effect, audit=audit))
+
+
+def no_worse(ctx: SolveContext, grid: Grid, solved: Any) -> Callable[[Change], bool]:
+    """A test that a smaller solve finds no more in the grid than ``solved`` (for the rank search)."""
+    found = len(solved.effect.audit.get("bypasses", [])) + len(solved.effect.audit.get("regressed", []))
+
+    def accept(change: Change) -> bool:
+        result = check(ctx, grid, change)
+        return len(result.bypasses) + len(result.regressed) <= found
+
+    return accept
+
+
+def harder(ctx: SolveContext, result: Check) -> SolveContext:
+    """The context for the next solve: bypass prompts join the forget rows, regressed prompts the preserve rows."""
+    forget_rows = dict.fromkeys([*ctx.extra_forget, *((o.variant.prompt, o.variant.name) for o in result.bypasses)])
+    emphasis = {**ctx.emphasis, **{p: ctx.emphasis.get(p, 1.0) * REPAIR_STEP for p in result.regressed}}
+    return replace(ctx, extra_forget=tuple(forget_rows), emphasis=emphasis)

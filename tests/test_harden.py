@@ -1,0 +1,78 @@
+"""Hardening: solve again until the bypass grid is clean; the patch records what it was audited against."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from forgetpack.cli import main
+from forgetpack.engine import harden
+from forgetpack.engine.bypass import Outcome
+from forgetpack.engine.request import DEFAULT_HARDEN_FAMILIES, ForgetRequest, Recipe
+from forgetpack.engine.variants import Variant
+from forgetpack.format.errors import ForgetpackError
+from forgetpack.format.patch import read_patch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def mini():
+    from forgetpack.engine.models import load_model
+
+    return load_model("mini")
+
+
+def test_a_hardened_patch_is_clean_and_says_so(mini, tmp_path, capsys) -> None:
+    """Forgetting two and nine regresses retained prompts under phrasings nobody solved on; hardening
+    repairs them, and the patch records the families, the rounds and the clean result."""
+    from forgetpack.engine.solve import forget
+
+    plain = forget(mini, ForgetRequest(["two", "nine"]))
+    hardened = forget(mini, ForgetRequest(["two", "nine"], harden=DEFAULT_HARDEN_FAMILIES))
+    audit = hardened.report["effect"]["audit"]
+    assert audit["clean"] and audit["bypasses"] == [] and audit["regressed"] == []
+    assert set(audit["families"]) == set(DEFAULT_HARDEN_FAMILIES)
+    assert audit["families"]["templates"]["tried"] == 2 * 83  # 80 ImageNet templates and the engine's, per name
+    assert "audit" not in plain.report["effect"] and "harden" not in plain.patch.recipe  # off: metadata unchanged
+    assert len(hardened.report["attempts"]) > len(plain.report["attempts"])  # the grid found something to repair
+    path = hardened.patch.save(tmp_path / "h.fpatch")
+    recorded = read_patch(path)
+    assert recorded.recipe["harden"] == list(DEFAULT_HARDEN_FAMILIES) and recorded.effect["audit"]["clean"]
+    assert Recipe.from_json(recorded.recipe).harden == list(DEFAULT_HARDEN_FAMILIES)  # compose re-hardens
+    assert main(["inspect", str(path)]) == 0
+    assert "effect audit" in capsys.readouterr().out
+
+
+def test_harden_on_the_command_line(tmp_path, capsys) -> None:
+    code = main(["forget", "mini", "--forget", "seven", "--harden", "-o", str(tmp_path / "s.fpatch"), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["effect"]["audit"]["clean"] and report["recipe"]["harden"] == list(DEFAULT_HARDEN_FAMILIES)
+    assert main(["forget", "mini", "--forget", "seven", "--harden-family", "templates", "-o", str(tmp_path / "x")]) == 1
+    assert "--harden-family needs --harden" in capsys.readouterr().err
+    assert main(["forget", "mini", "--forget", "seven", "--harden", "--harden-family", "nope", "-o", str(tmp_path / "x")]) == 1
+    assert "unknown variant family 'nope'" in capsys.readouterr().err
+    with pytest.raises(ForgetpackError, match="unknown variant family"):
+        ForgetRequest(["seven"], harden=("telepathy",))
+
+
+def test_harder_turns_findings_into_rows() -> None:
+    """Bypass prompts become forget rows (once), regressed prompts preserve rows held harder each round."""
+    from forgetpack.engine.measure import SolveContext, TextSpace
+    from forgetpack.engine.preserve import Neighbourhood
+    from forgetpack.engine.projections import Projection
+
+    ctx = SolveContext(TextSpace({}, np.eye(2), None), Projection("w", "in_out", "test"), ("seven",), (), ("seven", "one"),
+                       Neighbourhood([]), ("{}",), ())
+    bypass = Outcome(Variant("lexicon", "seven", "sieben", "a photo of a {}."), recognised=True, reached=True)
+    found = harden.Check((bypass,), ("a photo of a one.",), {})
+    once = harden.harder(ctx, found)
+    twice = harden.harder(once, found)
+    assert twice.extra_forget == (("a photo of a sieben.", "seven"),)
+    assert once.emphasis["a photo of a one."] == harden.REPAIR_STEP
+    assert twice.emphasis["a photo of a one."] == harden.REPAIR_STEP**2
+    assert not found.clean and harden.Check((), (), {}).clean
+    assert replace(bypass, recognised=False).bypass is False  # not recognised by the base: no bypass
