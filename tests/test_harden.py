@@ -68,11 +68,11 @@ def test_harder_turns_findings_into_rows() -> None:
     ctx = SolveContext(TextSpace({}, np.eye(2), None), Projection("w", "in_out", "test"), ("seven",), (), ("seven", "one"),
                        Neighbourhood([]), ("{}",), ())
     bypass = Outcome(Variant("lexicon", "seven", "sieben", "a photo of a {}."), recognised=True, reached=True)
-    found = harden.Check((bypass,), ("a photo of a one.",), {})
+    found = harden.Check((bypass,), (), ("a photo of a one.",), {})
     once = harden.harder(ctx, found)
     twice = harden.harder(once, found)
     assert twice.extra_forget == (("a photo of a sieben.", "seven"),)
     assert once.emphasis["a photo of a one."] == harden.REPAIR_STEP
     assert twice.emphasis["a photo of a one."] == harden.REPAIR_STEP**2
-    assert not found.clean and harden.Check((), (), {}).clean
+    assert not found.clean and harden.Check((), (), (), {}).clean
     assert replace(bypass, recognised=False).bypass is False  # not recognised by the base: no bypass

@@ -38,13 +38,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from forgetpack.engine.models import load_model  # noqa: E402
 from forgetpack.engine.request import DEFAULT_HARDEN_FAMILIES, ForgetRequest  # noqa: E402
 from forgetpack.engine.solve import forget  # noqa: E402
-from forgetpack.evaluation.datasets import DIGIT_NAMES  # noqa: E402
+from forgetpack.evaluation.audit import audit  # noqa: E402
+from forgetpack.evaluation.datasets import DIGIT_NAMES, LETTER_NAMES  # noqa: E402
 from forgetpack.evaluation.harness import evaluate  # noqa: E402
 from forgetpack.format.fileio import check_output_file, write_bytes_atomic  # noqa: E402
 
 SETS = ("mnist", "digits", "letters")
+CLASSES = {"mnist": DIGIT_NAMES, "digits": DIGIT_NAMES, "letters": LETTER_NAMES}
 LETTERS = ("A", "K", "X")
 FORGET_BOUND = 0.01  # accuracy left on a forgotten class
+VARIANT_BOUND = 0.02  # accuracy on a forgotten class under any variant the base model recognises
 WORST_CLASS_BOUND_PT = {"mnist": 2.0, "digits": 4.0, "letters": 2.0}  # largest drop of one retained class
 AGGREGATE_BOUND_PT = 0.5  # largest drop of the retained (or full) accuracy
 WORST_ROWS = 8  # rows the summary repeats, worst first
@@ -82,6 +85,11 @@ def run(loaded: Any, names: list[str], options: dict[str, Any]) -> dict[str, Any
             forgotten = None
         row["sets"][name] = {"forgotten": forgotten, "aggregate_pt": round(100 * (after - base), 2),
                              "worst_class": worst[name].classname, "worst_drop_pt": round(worst[name].drop_pt, 2)}
+    # every variant of every text family the base model recognises on images (audit: >= 50% base accuracy)
+    bypass = audit(loaded, [result.patch], names, datasets=[n for n in SETS if any(x in CLASSES[n] for x in names)],
+                   families=DEFAULT_HARDEN_FAMILIES, probes=False).image_summary()
+    worst = max(((f, s) for f, s in bypass.items() if s["worst"] is not None), key=lambda fs: fs[1]["worst"], default=None)
+    row["variant_worst"] = {"family": worst[0], "accuracy": worst[1]["worst"], "variant": worst[1]["worst_variant"]} if worst else None
     row["within"] = within_bounds(row)
     return row
 
@@ -92,6 +100,7 @@ def within_bounds(row: dict[str, Any]) -> dict[str, bool]:
         "forgotten": all(s["forgotten"] is None or s["forgotten"] <= FORGET_BOUND for s in sets.values()),
         "worst_class": all(sets[n]["worst_drop_pt"] <= WORST_CLASS_BOUND_PT[n] for n in SETS),
         "aggregate": all(s["aggregate_pt"] >= -AGGREGATE_BOUND_PT for s in sets.values()),
+        "variants": row.get("variant_worst") is None or row["variant_worst"]["accuracy"] <= VARIANT_BOUND,
     }
 
 
@@ -99,8 +108,8 @@ def header() -> None:
     forgotten = " | ".join(f"{n} forgotten" for n in SETS)
     aggregate = " | ".join(f"{n} Δ agg" for n in SETS)
     worst = " | ".join(f"{n} worst class" for n in SETS)
-    print(f"| forget | {forgotten} | {aggregate} | {worst} | repaired | lost | rank | solve s | within |")
-    print("|---|" + "---:|" * (3 * len(SETS)) + "---|---|---:|---:|---|")
+    print(f"| forget | {forgotten} | {aggregate} | {worst} | worst variant | repaired | lost | rank | solve s | within |")
+    print("|---|" + "---:|" * (3 * len(SETS)) + "---|---|---|---:|---:|---|")
 
 
 def print_row(row: dict[str, Any]) -> None:
@@ -112,7 +121,9 @@ def print_row(row: dict[str, Any]) -> None:
     ok = f"NO ({', '.join(missed)})" if missed else "yes"
     lost = ", ".join(row["text_lost"]) or "-"
     repaired = ", ".join(row.get("repaired", [])) or "-"
-    print(f"| {' + '.join(row['forget'])} | {forgotten} | {aggregate} | {worst} | {repaired} | {lost} | "
+    v = row.get("variant_worst")
+    variant = f"{v['accuracy']:.0%} {v['variant']['template'].format(v['variant']['label'])!r}" if v else "-"
+    print(f"| {' + '.join(row['forget'])} | {forgotten} | {aggregate} | {worst} | {variant} | {repaired} | {lost} | "
           f"{row['rank']} | {row['seconds']:.1f} | {ok} |", flush=True)
 
 
@@ -127,10 +138,11 @@ def badness(row: dict[str, Any]) -> float:
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Counts within each bound, the worst single-class drop per set, and the worst rows."""
     n = len(rows)
-    counts = {k: sum(r["within"][k] for r in rows) for k in ("forgotten", "worst_class", "aggregate")}
+    counts = {k: sum(r["within"][k] for r in rows) for k in ("forgotten", "variants", "worst_class", "aggregate")}
     counts["all"] = sum(all(r["within"].values()) for r in rows)
     worst = {name: max(rows, key=lambda r, name=name: r["sets"][name]["worst_drop_pt"]) for name in SETS}
-    print(f"\n{n} requests. Within bounds: forgotten ≤ {FORGET_BOUND:.0%}: {counts['forgotten']}/{n}; worst class "
+    print(f"\n{n} requests. Within bounds: forgotten ≤ {FORGET_BOUND:.0%}: {counts['forgotten']}/{n}; under every "
+          f"recognised variant ≤ {VARIANT_BOUND:.0%}: {counts['variants']}/{n}; worst class "
           f"(≤ {', '.join(f'{k} {v:g} pt' for k, v in WORST_CLASS_BOUND_PT.items())}): {counts['worst_class']}/{n}; "
           f"aggregate within {AGGREGATE_BOUND_PT} pt: {counts['aggregate']}/{n}; all: {counts['all']}/{n}")
     for name, r in worst.items():

@@ -2,11 +2,13 @@
 
 A patch solved for "seven" under five templates may still let "sieben", "SEVEN" or "a sculpture
 of a seven." through, and it may disturb a retained class under a phrasing nobody verified. So
-after a verified solve the engine runs the audit's text-side families
-(``forgetpack.engine.variants``) against the change: every variant the base model recognises
-and the patch leaves reaching the forget name becomes a forget row, and every retained class
-that no longer keeps its own stand-in under the grid's templates becomes preserve rows; then it
-solves again. What the final patch was audited against, and the result, go into its metadata.
+after a verified solve the engine looks at the change through the audit's text-side families
+(``forgetpack.engine.variants``): every variant becomes a forget row (each is, by construction,
+a way to name the class; deciding from text which ones the model "recognises" missed most of
+those that work on images: "cinque" still found 100% of mini's fives), and every retained class
+that no longer keeps its own stand-in under the grid's templates is held harder; then it solves
+again, until nothing is left or ``MAX_ROUNDS``. What the final patch was audited against, and
+the result, go into its metadata.
 """
 
 from __future__ import annotations
@@ -45,12 +47,13 @@ class Check:
     """One look at a change through the grid."""
 
     bypasses: tuple[Outcome, ...]  # recognised by the base model and still reaching the forget name
+    pending: tuple[Outcome, ...]  # variants not yet among the forget rows (all of them, the first time)
     regressed: tuple[str, ...]  # prompts of retained classes that lost their own stand-in
     summary: dict[str, dict[str, int | float]]
 
     @property
     def clean(self) -> bool:
-        return not self.bypasses and not self.regressed
+        return not self.bypasses and not self.pending and not self.regressed
 
 
 def grid_for(ctx: SolveContext, families: Sequence[str], context: FamilyContext | None = None) -> Grid:
@@ -67,7 +70,9 @@ def retained_of(ctx: SolveContext) -> list[str]:
 
 def check(ctx: SolveContext, grid: Grid, change: Change) -> Check:
     results = outcomes(ctx.space, change, grid.variants, retained_of(ctx))
-    return Check(tuple(r for r in results if r.bypass), tuple(regressed(ctx, grid.templates, change)), summarise(results))
+    done = {p for p, _ in ctx.extra_forget}
+    return Check(tuple(r for r in results if r.bypass), tuple(r for r in results if r.variant.prompt not in done),
+                 tuple(regressed(ctx, grid.templates, change)), summarise(results))
 
 
 def regressed(ctx: SolveContext, templates: Sequence[str], change: Change) -> list[str]:
@@ -115,6 +120,7 @@ def no_worse(ctx: SolveContext, grid: Grid, solved: Any) -> Callable[[Change], b
 
 def harder(ctx: SolveContext, result: Check) -> SolveContext:
     """The context for the next solve: bypass prompts join the forget rows, regressed prompts the preserve rows."""
-    forget_rows = dict.fromkeys([*ctx.extra_forget, *((o.variant.prompt, o.variant.name) for o in result.bypasses)])
+    found = (*result.bypasses, *result.pending)
+    forget_rows = dict.fromkeys([*ctx.extra_forget, *((o.variant.prompt, o.variant.name) for o in found)])
     emphasis = {**ctx.emphasis, **{p: ctx.emphasis.get(p, 1.0) * REPAIR_STEP for p in result.regressed}}
     return replace(ctx, extra_forget=tuple(forget_rows), emphasis=emphasis)

@@ -147,12 +147,13 @@ def installed_families() -> list[str]:
 
 def audit(loaded: Any, patches: Sequence[Patch | str], forget: Sequence[str], datasets: Sequence[str | LabeledImages] = (),
           families: Sequence[str] | None = None, lexicon: Mapping[str, tuple[str, ...]] | None = None,
-          progress: Progress | None = None, max_tokens: int | None = None) -> AuditReport:
+          progress: Progress | None = None, max_tokens: int | None = None, probes: bool = True) -> AuditReport:
     """The bypass grid of ``patches`` (paths or patches, applied in order) on ``loaded`` for the ``forget`` names.
 
     ``families`` default to every installed one; ``lexicon`` adds variants (normalised name ->
     variants, as ``forgetpack.engine.variants.read_lexicon`` reads them); ``max_tokens`` caps the
-    aliases family's vocabulary search. ``loaded`` is never modified.
+    aliases family's vocabulary search; ``probes=False`` skips the image-side probes (the same for
+    every text patch, and the slow part of a sweep). ``loaded`` is never modified.
     """
     from forgetpack.engine.features import text_features
     from forgetpack.engine.projections import find_projection, projection_bias, projection_matrix
@@ -187,18 +188,19 @@ def audit(loaded: Any, patches: Sequence[Patch | str], forget: Sequence[str], da
     timings["encode"] = time.perf_counter() - t0
     results = outcomes(space, M_patched, variants, retained)
 
-    images, probes = [], []
+    images, found_by_probes = [], []
     if data:
         t0 = time.perf_counter()
         images = _on_images(loaded, image_model, space, M_patched, variants, data)
         timings["images"] = time.perf_counter() - t0
+    if data and probes:
         t0 = time.perf_counter()
-        probes = image_probes(image_model or loaded, data, forget, unchanged=image_model is None)
+        found_by_probes = image_probes(image_model or loaded, data, forget, unchanged=image_model is None)
         timings["probes"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     return AuditReport(model=str(loaded.model_id), patches=[display_name(p) for p in patch_list],
                        patch_digests=[p.digest for p in patch_list], forget=forget, families=families, retained=retained,
-                       outcomes=results, images=images, probes=probes, datasets=list(data), timings=timings)
+                       outcomes=results, images=images, probes=found_by_probes, datasets=list(data), timings=timings)
 
 
 def check_request(patches: Sequence[Patch | str], forget: Sequence[str], datasets: Sequence[str | LabeledImages] = (),
