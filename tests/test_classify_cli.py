@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from forgetpack.cli import main
+from forgetpack.format.manifest import content_hash
 from forgetpack.format.patch import Layer, Patch
 
 pytestmark = pytest.mark.slow
@@ -134,14 +135,20 @@ def test_bad_input_gives_one_line_and_nonzero_exit(capsys, tmp_path, export_dir,
     mismatch = tmp_path / "mismatch"
     shutil.copytree(export_dir, mismatch, copy_function=lambda s, d: Path(d).symlink_to(s) if s.endswith(".onnx") else shutil.copy(s, d))
     manifest = json.loads((mismatch / "manifest.json").read_text())
-    manifest["projections"]["visual.proj"]["current"] = "sha256:" + "0" * 64
+    manifest["projections"]["visual.proj"].update(current="sha256:" + "0" * 64, base="sha256:" + "0" * 64)
+    manifest["export_id"] = content_hash(manifest)  # a consistent manifest that does not fit its graphs
     (mismatch / "manifest.json").write_text(json.dumps(manifest))
+    edited = tmp_path / "edited"
+    shutil.copytree(mismatch, edited, symlinks=True)
+    manifest["model_id"] = "ViT-B-32:openai"  # an edit without a new export id
+    (edited / "manifest.json").write_text(json.dumps(manifest))
     other = Patch.create("mini", {"text.proj.weight": np.ones((256, 384), np.float32)},
                          [Layer.lowrank("text.proj.weight", np.ones((256, 1)), np.ones((1, 384)))],
                          layouts={"text.proj.weight": "out_in"}).save(tmp_path / "other.fpatch.safetensors")
     cases = {
         "not a forgetpack export": ["classify", str(tmp_path / "empty"), image, "--labels", "a,b"],
         "does not match the manifest": ["classify", str(mismatch), image, "--labels", "a,b"],
+        "modified after export": ["classify", str(edited), image, "--labels", "a,b"],
         "cannot decode image": ["classify", str(export_dir), str(tmp_path / "broken.png"), "--labels", "a,b"],
         "image not found": ["classify", str(export_dir), str(tmp_path / "nope.png"), "--labels", "a,b"],
         "--labels is empty": ["classify", str(export_dir), image, "--labels", " , "],
