@@ -15,6 +15,7 @@ This module imports neither torch nor onnxruntime itself.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -32,7 +33,7 @@ from forgetpack.format.signing import load_public_keys, require_signed
 from runtime.backends import Backend, backend_class, discover
 from runtime.preprocess import MAX_PIXELS, ImageInput, check_pixel_budget, load_image
 
-__all__ = ["Model", "Prediction", "load", "available_backends", "DEFAULT_TEMPLATES"]
+__all__ = ["Model", "PatchState", "Prediction", "load", "available_backends", "DEFAULT_TEMPLATES"]
 
 DEFAULT_TEMPLATES = CLASSIFY_TEMPLATES
 T = TypeVar("T")
@@ -51,6 +52,22 @@ class Prediction:
     def top(self, labels: Sequence[str], k: int = 5) -> list[tuple[str, float]]:
         order = np.argsort(-self.probs, kind="stable")[:k]
         return [(labels[i], float(self.probs[i])) for i in order]
+
+
+@dataclass(frozen=True)
+class PatchState:
+    """A patch set resolved once, for per-request use (``Model.patch_state``): immutable, so a request
+    holding it never sees another request's patches or a half-made change."""
+
+    patches: tuple[Patch, ...]
+    digests: tuple[str, ...]  # each patch's digest, in order (computed once: a digest hashes the whole patch)
+    digest: str  # names the ordered patch set: sha256 over the patch digests, in order
+    backend_state: Any  # the backend's own immutable state (matrices) for these patches
+
+
+def state_digest(digests: Sequence[str]) -> str:
+    """The id of an ordered patch set (the empty set has one too)."""
+    return "sha256:" + hashlib.sha256("\n".join(digests).encode()).hexdigest()
 
 
 def available_backends() -> list[str]:
@@ -100,31 +117,45 @@ class Model:
 
     # -- encoding --------------------------------------------------------------------
 
-    def encode_image(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
-        """L2-normalised image embeddings ``[n, d]`` (paths, bytes, PIL images or arrays)."""
-        images = _as_list(images)
-        return _normalise(self.backend.encode_images([load_image(im, self.max_pixels) for im in images]))
+    def encode_image(self, images: ImageInput | Sequence[ImageInput], state: PatchState | None = None) -> np.ndarray:
+        """L2-normalised image embeddings ``[n, d]`` (paths, bytes, PIL images or arrays).
 
-    def encode_text(self, texts: str | Sequence[str]) -> np.ndarray:
-        """L2-normalised text embeddings ``[n, d]``."""
+        ``state`` (from :meth:`patch_state`): encode under that patch set instead of the model's own."""
+        images = [load_image(im, self.max_pixels) for im in _as_list(images)]
+        if state is None:
+            return _normalise(self.backend.encode_images(images))
+        return _normalise(self.backend.encode_images(images, state=state.backend_state))
+
+    def encode_text(self, texts: str | Sequence[str], state: PatchState | None = None) -> np.ndarray:
+        """L2-normalised text embeddings ``[n, d]`` (under ``state`` when given)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        return _normalise(self.backend.encode_texts(texts))
+        if state is None:
+            return _normalise(self.backend.encode_texts(texts))
+        return _normalise(self.backend.encode_texts(texts, state=state.backend_state))
 
-    def classifier(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
+    def classifier(self, labels: Sequence[str], templates: Sequence[str] | None = None,
+                   state: PatchState | None = None) -> np.ndarray:
         """Zero-shot class weights ``[d, n_labels]``: each label's template embeddings averaged, as open_clip does."""
         labels = check_labels(labels)
         templates = check_templates(templates)
         texts = [t.replace("{}", label) for label in labels for t in templates]
-        emb = self.encode_text(texts).reshape(len(labels), len(templates), -1).mean(axis=1)
+        emb = self.encode_text(texts, state).reshape(len(labels), len(templates), -1).mean(axis=1)
         return _normalise(emb).T
 
     def classify(
-        self, images: ImageInput | Sequence[ImageInput], labels: Sequence[str], templates: Sequence[str] | None = None
+        self, images: ImageInput | Sequence[ImageInput], labels: Sequence[str], templates: Sequence[str] | None = None,
+        state: PatchState | None = None,
     ) -> list[Prediction]:
-        """Zero-shot classification of ``images`` over ``labels``, all under one patch state."""
+        """Zero-shot classification of ``images`` over ``labels``, all under one patch state
+        (the model's own, or ``state`` from :meth:`patch_state`)."""
         labels = check_labels(labels)
         images = [load_image(im, self.max_pixels) for im in _as_list(images)]
-        similarity = self.consistently(lambda: self.encode_image(images) @ self.classifier(labels, templates))
+        if state is not None:
+            return self.predict(self.encode_image(images, state) @ self.classifier(labels, templates, state), labels)
+        return self.predict(self.consistently(lambda: self.encode_image(images) @ self.classifier(labels, templates)), labels)
+
+    def predict(self, similarity: np.ndarray, labels: Sequence[str]) -> list[Prediction]:
+        """Predictions from cosine similarities ``[n_images, n_labels]`` (the logit scale and softmax applied)."""
         logits = self.backend.logit_scale * similarity
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
@@ -181,6 +212,18 @@ class Model:
             self._patches = patches
         finally:
             self._sequence += 1
+
+    def patch_state(self, patches: Sequence[Patch | str | os.PathLike[str]]) -> PatchState:
+        """``patches`` (in order, on the base) resolved to an immutable :class:`PatchState` for
+        ``encode_*``/``classify(..., state=)``; the model's own patches are left alone. Checked as
+        :meth:`set_patches` checks them (signatures, then the fit of each in order)."""
+        loaded = tuple(p if isinstance(p, Patch) else read_patch(p) for p in patches)
+        require_signed(list(loaded), self._keys)
+        state_for = getattr(self.backend, "state_for", None)
+        if state_for is None:
+            raise ForgetpackError(f"the {self.backend.name} backend has no per-request patch states (the onnx backend has)")
+        digests = tuple(p.digest for p in loaded)
+        return PatchState(loaded, digests, state_digest(digests), state_for(list(loaded)))
 
     def remove_patch(self, patch: Patch | str | os.PathLike[str]) -> Patch:
         """Remove an applied patch (by Patch, digest or file); the rest are re-applied from the base, exactly."""

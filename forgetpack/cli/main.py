@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "compose": "forgetpack.cli.commands.forget:compose",
     "eval": "forgetpack.cli.commands.evaluate:evaluate",
     "audit": "forgetpack.cli.commands.audit:audit",
+    "benchmark": "forgetpack.cli.commands.benchmark:benchmark",
     "inspect": "forgetpack.cli.commands.patch:inspect",
     "verify": "forgetpack.cli.commands.patch:verify",
     "apply": "forgetpack.cli.commands.patch:apply",
@@ -35,6 +36,10 @@ COMMANDS: dict[str, str] = {
     "export": "forgetpack.cli.commands.export:export",
     "classify": "forgetpack.cli.commands.classify:classify",
     "backends": "forgetpack.cli.commands.backends:backends",
+    "serve": "forgetpack.cli.commands.serve:serve",
+    "index": "forgetpack.cli.commands.index:index",
+    "rescore": "forgetpack.cli.commands.index:rescore",
+    "search": "forgetpack.cli.commands.index:search",
 }
 
 

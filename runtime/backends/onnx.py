@@ -28,10 +28,12 @@ import numpy as np
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.fit import TargetInfo, apply_in_order
 from forgetpack.format.manifest import GRAPH_ID_KEY, Manifest
+from forgetpack.format.manifest_schema import SEQUENCE_AXIS
 from forgetpack.format.onnxfile import OnnxFile
 from forgetpack.format.patch import Patch, fingerprint
 from runtime.backends import Backend, check_threads
 from runtime.preprocess import Preprocessor
+from runtime.text_cache import TextFeatureCache
 from runtime.tokenizer import TextTokenizer
 
 SHORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
@@ -124,6 +126,8 @@ class OnnxBackend(Backend):
         self._tokenizer = TextTokenizer(self.directory, manifest.tokenizer) if "text" in manifest.towers else None
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._text_cache_lock = threading.Lock()
+        self._text_store: TextFeatureCache | None = None  # on disk, shared by processes (runtime/text_cache.py)
+        self.encoded_prompts = 0  # prompts this backend ran through the text graph (misses of both caches)
 
     # -- loading ---------------------------------------------------------------------
 
@@ -229,17 +233,17 @@ class OnnxBackend(Backend):
         (result,) = state.sessions[tower].run([output], {spec.input: batch})
         return result
 
-    def encode_images(self, images: Sequence[Any]) -> np.ndarray:
+    def encode_images(self, images: Sequence[Any], state: _State | None = None) -> np.ndarray:
         self._require("image")
-        state = self._state  # one patch state for the whole call
+        state = state or self._state  # one patch state for the whole call (a per-request one from state_for)
         chunks = [self._run(state, "image", np.stack([self._preprocess(im) for im in images[i : i + IMAGE_BATCH]]))
                   for i in range(0, len(images), IMAGE_BATCH)]
         out = np.concatenate(chunks) if chunks else np.zeros((0, self.manifest.embed_dim), np.float32)
         target = self._reprojects("image")
         return self._project(state, target, out) if target is not None else out
 
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        state = self._state
+    def encode_texts(self, texts: Sequence[str], state: _State | None = None) -> np.ndarray:
+        state = state or self._state
         target = self._reprojects("text")
         if target is None:  # no cache: embeddings depend on the (possibly rebuilt) session
             self._require("text")
@@ -254,16 +258,21 @@ class OnnxBackend(Backend):
         if self.manifest.towers["text"].features is None:
             raise ForgetpackError(f"{self.directory}: the text graph has no features output")
         spec = self.manifest.towers["text"]
+        width = self.targets[spec.projection].shape[0 if self.targets[spec.projection].layout == "in_out" else 1]
         if not texts:
-            return np.zeros((0, self.targets[spec.projection].shape[0 if self.targets[spec.projection].layout == "in_out" else 1]), np.float32)
+            return np.zeros((0, width), np.float32)
         with self._text_cache_lock:
             found = {t: self._text_cache[t] for t in texts if t in self._text_cache}
+            if self._text_store is None:
+                self._text_store = TextFeatureCache(self.manifest.export_id, width)
         todo = list(dict.fromkeys(t for t in texts if t not in found))
-        session = self._state.sessions["text"]  # features do not depend on patches: any state's session
-        for i in range(0, len(todo), TEXT_BATCH):
-            chunk = todo[i : i + TEXT_BATCH]
-            (rows,) = session.run([spec.features], {spec.input: self._tokenizer(chunk)})
-            found.update(zip(chunk, rows, strict=True))
+        if todo:
+            found.update(self._text_store.get(todo))
+            todo = [t for t in todo if t not in found]
+        if todo:
+            encoded = self._encode_text_features(todo)
+            found.update(encoded)
+            self._text_store.put(encoded)
         with self._text_cache_lock:  # LRU bookkeeping under a lock: concurrent callers never race an eviction
             for text in texts:
                 self._text_cache[text] = found[text]
@@ -271,6 +280,24 @@ class OnnxBackend(Backend):
             while len(self._text_cache) > TEXT_CACHE_SIZE:
                 self._text_cache.popitem(last=False)
         return np.stack([found[t] for t in texts])
+
+    def _encode_text_features(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Run the text graph. A graph with a dynamic sequence axis gets the prompts sorted by
+        token count, each batch cut to its longest prompt: the same features as the full
+        context (the padding after a prompt changes nothing), at a fraction of the work."""
+        spec = self.manifest.towers["text"]
+        ids = self._tokenizer.token_ids(texts)
+        cut = spec.input_shape[1:] == [SEQUENCE_AXIS] and self._tokenizer.cuts
+        order = sorted(range(len(texts)), key=lambda i: len(ids[i])) if cut else list(range(len(texts)))
+        session = self._state.sessions["text"]  # features do not depend on patches: any state's session
+        out: dict[str, np.ndarray] = {}
+        for start in range(0, len(order), TEXT_BATCH):
+            chunk = order[start : start + TEXT_BATCH]
+            batch = self._tokenizer.pad([ids[i] for i in chunk], max(len(ids[i]) for i in chunk) if cut else None)
+            (rows,) = session.run([spec.features], {spec.input: batch})
+            out.update(zip((texts[i] for i in chunk), rows, strict=True))
+            self.encoded_prompts += len(chunk)
+        return out
 
     def _require(self, tower: str) -> None:
         if tower not in self.manifest.towers:
@@ -297,3 +324,23 @@ class OnnxBackend(Backend):
                     self.manifest.projections[target].initializer: matrices[target]}
                 sessions[tower] = self._session(tower, overrides)
         self._state = _State(matrices, self._feature_forms(matrices), sessions)  # one atomic swap
+
+    # -- per-request patch states (runtime.serve) ------------------------------------
+
+    def state_for(self, patches: Sequence[Patch]) -> _State:
+        """An immutable state for ``patches`` (in order, on the base plus baked patches), leaving the
+        model's own state alone: pass it to ``encode_images``/``encode_texts`` as ``state=``.
+
+        Built exactly as ``set_patches`` builds one. A tower that cannot re-project in numpy would need
+        its own onnxruntime session per state, so a patch set that changes such a tower is refused."""
+        matrices = apply_in_order(self._graph_matrices, patches, self.targets, model=self.model_id, applied=self.baked)
+        current = self._state
+        for tower in self.manifest.towers:
+            target = self.manifest.towers[tower].projection
+            if target is None or self._reprojects(tower) is not None:
+                continue
+            if not np.array_equal(matrices[target], current.matrices[target]):
+                raise ForgetpackError(
+                    f"{self.directory}: the {tower} projection of this export cannot be re-projected in numpy (reproject: false), "
+                    "so per-request patch sets that change it are not served; apply them with set_patches instead")
+        return _State(matrices, self._feature_forms(matrices), dict(current.sessions))

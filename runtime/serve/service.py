@@ -1,0 +1,236 @@
+"""What the HTTP routes (and the Ray deployment's handle methods) do, without HTTP.
+
+One ``Service`` per process or replica: the model (onnx backend, its own patches never touched),
+the registry, the patch-state LRU, the image micro-batcher and the metrics. Every request
+resolves its patch set once (the ids it names, or the default set as it is at that moment) to an
+immutable state and uses only that state, so a default switch mid-request cannot tear it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import runtime
+from forgetpack.format.errors import ForgetpackError
+from forgetpack.format.names import check_labels, check_templates
+from forgetpack.format.patch import Patch
+from forgetpack.format.signing import load_public_keys
+from runtime import Model, PatchState
+from runtime.preprocess import load_image
+from runtime.serve.batching import ImageBatcher
+from runtime.serve.config import ServeConfig
+from runtime.serve.metrics import ServeMetrics
+from runtime.serve.registry import DIGEST_RE, PatchRegistry
+from runtime.serve.states import PatchStates
+
+CLASSIFIER_CACHE = 1024  # zero-shot weight matrices kept, by patch state, labels and templates
+
+
+class TooLarge(ForgetpackError):
+    """A request over a size limit (HTTP 413)."""
+
+
+class Unsupported(ForgetpackError):
+    """Content the server cannot read: a media type, an image format (HTTP 415)."""
+
+
+class Service:
+    """The serving state of one process: model, registry, patch states, batcher, metrics."""
+
+    def __init__(self, config: ServeConfig, model: Model | None = None):
+        self.config = config
+        self.limits = config.limits
+        if model is None:
+            if not Path(config.source).is_dir():
+                raise ForgetpackError(f"{config.source}: not an export directory; serve an export "
+                                      "(`forgetpack export MODEL DIR`): the service runs on the torch-free onnx runtime")
+            options = {"threads": config.threads} if config.threads is not None else {}
+            model = runtime.load(config.source, backend="onnx", providers=list(config.providers) if config.providers else None,
+                                 trusted_keys=list(config.trusted_keys) if config.trusted_keys is not None else None,
+                                 max_pixels=self.limits.max_pixels, **options)
+        self.model = model
+        self.metrics = ServeMetrics()
+        self.states = PatchStates(model, config.max_states, on_lookup=self.metrics.observe_lookup)
+        keys = load_public_keys(list(config.trusted_keys)) if config.trusted_keys is not None else None
+        self.registry = PatchRegistry(config.patches_dir, check=lambda p: model.patch_state([p]), trusted_keys=keys)
+        image = getattr(model.backend, "manifest", None)
+        tower = image.towers.get("image") if image is not None else None
+        self._image_targets = {tower.projection} if tower is not None and tower.projection else set()
+        self.batcher = ImageBatcher(self._encode_batch, self._image_key, config.max_batch, config.max_wait_ms,
+                                    config.max_queue, observe=self.metrics.observe_batch, arriving=lambda: self.arriving)
+        self.arriving = 0  # requests between their start and handing their images to the batcher
+        self._classifiers: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()  # by (state, labels, templates)
+        self._classifiers_lock = threading.Lock()
+        if config.default_patches:
+            self.set_default(list(config.default_patches), files_allowed=True)
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    # -- patch states ----------------------------------------------------------------
+
+    def state(self, ids: Sequence[str] | None) -> PatchState:
+        """The state for a request: the ids it names (in order), or the default set when it names none."""
+        if ids is not None and len(ids) > self.limits.max_patches:
+            raise ForgetpackError(f"{len(ids)} patches in one request (at most {self.limits.max_patches})")
+        digests = self.registry.digests(ids if ids is not None else self.registry.default)
+        return self.states.get(digests, lambda: [self.registry.get(d) for d in digests])
+
+    def _image_key(self, state: PatchState) -> Hashable:
+        """Requests whose patches leave the image projection alone share image batches."""
+        return tuple(d for d, p in zip(state.digests, state.patches, strict=True) if self._image_targets & set(p.targets))
+
+    def _encode_batch(self, images: list[Any], state: PatchState) -> np.ndarray:
+        return self.model.encode_image(images, state)
+
+    def classifier(self, labels: list[str], templates: list[str], state: PatchState) -> np.ndarray:
+        """``Model.classifier`` under ``state``, cached: a label set is usually asked for again and again."""
+        key = (state.digest, tuple(labels), tuple(templates))
+        with self._classifiers_lock:
+            weights = self._classifiers.get(key)
+            if weights is not None:
+                self._classifiers.move_to_end(key)
+                return weights
+        weights = self.model.classifier(labels, templates, state)
+        with self._classifiers_lock:
+            self._classifiers[key] = weights
+            while len(self._classifiers) > CLASSIFIER_CACHE:
+                self._classifiers.popitem(last=False)
+        return weights
+
+    @staticmethod
+    def describe_state(state: PatchState) -> dict[str, Any]:
+        return {"digest": state.digest, "patches": list(state.digests)}
+
+    # -- inputs ----------------------------------------------------------------------
+
+    def decode_images(self, blobs: Sequence[bytes]) -> list[Any]:
+        """Decoded images, each checked against the byte and pixel limits before it is decoded."""
+        from PIL import Image
+
+        if not blobs:
+            raise ForgetpackError("no images given")
+        if len(blobs) > self.limits.max_images:
+            raise TooLarge(f"{len(blobs)} images in one request (at most {self.limits.max_images})")
+        out = []
+        for i, blob in enumerate(blobs):
+            if len(blob) > self.limits.max_image_bytes:
+                raise TooLarge(f"image {i}: {len(blob)} bytes (at most {self.limits.max_image_bytes})")
+            try:
+                with Image.open(io.BytesIO(blob)) as header:  # the header only
+                    width, height = header.size
+            except Exception:  # PIL raises many types for what is not an image it knows
+                raise Unsupported(f"image {i}: not an image format the server reads (PNG, JPEG, WebP, GIF, BMP, TIFF…)") from None
+            if width * height > self.limits.max_pixels:
+                raise TooLarge(f"image {i}: {width}x{height} pixels (at most {self.limits.max_pixels:,})")
+            try:
+                out.append(load_image(blob, self.limits.max_pixels))
+            except ForgetpackError as exc:
+                raise ForgetpackError(f"image {i}: {str(exc).removeprefix('<bytes>: ')}") from None
+        return out
+
+    def check_labels(self, labels: Sequence[str], templates: Sequence[str] | None) -> tuple[list[str], list[str]]:
+        if len(labels) > self.limits.max_labels:
+            raise TooLarge(f"{len(labels)} labels (at most {self.limits.max_labels})")
+        if templates is not None and len(templates) > self.limits.max_templates:
+            raise TooLarge(f"{len(templates)} templates (at most {self.limits.max_templates})")
+        for text in [*labels, *(templates or [])]:
+            if len(text) > self.limits.max_text_chars:
+                raise TooLarge(f"a label or template of {len(text)} characters (at most {self.limits.max_text_chars})")
+        return check_labels(labels), check_templates(templates)
+
+    # -- requests --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _arrival(self) -> Iterator[Callable[[], None]]:
+        """Count a request as on its way to the batcher until it calls ``arrived()`` (or fails)."""
+        self.arriving += 1  # only ever changed on the event loop's thread
+        done = False
+
+        def arrived() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self.arriving -= 1
+
+        try:
+            yield arrived
+        finally:
+            arrived()
+
+    async def classify(self, blobs: Sequence[bytes], labels: Sequence[str], templates: Sequence[str] | None,
+                       ids: Sequence[str] | None, top_k: int = 5) -> dict[str, Any]:
+        with self._arrival() as arrived:
+            labels, templates = self.check_labels(labels, templates)
+            state = self.state(ids)
+            images = await asyncio.to_thread(self.decode_images, blobs)
+            arrived()
+            embeddings, weights = await asyncio.gather(self.batcher.encode(images, state),
+                                                       asyncio.to_thread(self.classifier, labels, templates, state))
+        predictions = self.model.predict(embeddings @ weights, labels)
+        k = min(top_k, len(labels))
+        return {
+            "model": self.model.model_id, "patch_state": self.describe_state(state), "labels": labels, "templates": templates,
+            "results": [{"label": p.label, "score": p.score,
+                         "top": [{"label": label, "prob": prob} for label, prob in p.top(labels, k)]} for p in predictions],
+        }
+
+    async def embed_images(self, blobs: Sequence[bytes], ids: Sequence[str] | None) -> dict[str, Any]:
+        with self._arrival() as arrived:
+            state = self.state(ids)
+            images = await asyncio.to_thread(self.decode_images, blobs)
+            arrived()
+            embeddings = await self.batcher.encode(images, state)
+        return {"model": self.model.model_id, "patch_state": self.describe_state(state), "embeddings": embeddings.tolist()}
+
+    async def embed_texts(self, texts: Sequence[str], ids: Sequence[str] | None) -> dict[str, Any]:
+        if not texts:
+            raise ForgetpackError("no texts given")
+        if len(texts) > self.limits.max_texts:
+            raise TooLarge(f"{len(texts)} texts (at most {self.limits.max_texts})")
+        if any(len(t) > self.limits.max_text_chars for t in texts):
+            raise TooLarge(f"a text over {self.limits.max_text_chars} characters")
+        state = self.state(ids)
+        embeddings = await asyncio.to_thread(self.model.encode_text, list(texts), state)
+        return {"model": self.model.model_id, "patch_state": self.describe_state(state), "embeddings": embeddings.tolist()}
+
+    # -- the registry ----------------------------------------------------------------
+
+    def set_default(self, ids: Sequence[str], files_allowed: bool = False) -> dict[str, Any]:
+        """Switch the default set in one step, after building its state (a bad set changes nothing).
+
+        ``files_allowed`` (the CLI only, never HTTP): an id that is a patch file is registered first."""
+        if len(ids) > self.limits.max_patches:
+            raise ForgetpackError(f"{len(ids)} patches in the default set (at most {self.limits.max_patches})")
+        resolved: list[str] = []
+        for pid in ids:
+            if files_allowed and not DIGEST_RE.fullmatch(pid) and Path(pid).is_file():
+                pid = self.registry.add_file(pid).digest
+            resolved.append(pid)
+        digests = self.registry.digests(resolved)
+        state = self.states.get(digests, lambda: [self.registry.get(d) for d in digests])
+        self.registry.set_default(digests)
+        return {"default": self.describe_state(state)}
+
+    def upload(self, data: bytes, name: str | None) -> Patch:
+        return self.registry.add_bytes(data, name)
+
+    def delete(self, pid: str) -> Patch:
+        patch = self.registry.remove(pid)
+        self.states.drop(patch.digest)
+        return patch
+
+    def info(self) -> dict[str, Any]:
+        backend = self.model.backend
+        return {"model": self.model.model_id, "backend": backend.name, "baked": list(self.model.baked),
+                "default": self.describe_state(self.state(None)), "limits": vars(self.limits),
+                "max_batch": self.config.max_batch, "max_wait_ms": self.config.max_wait_ms}
