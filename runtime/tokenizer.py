@@ -97,33 +97,56 @@ class TextTokenizer:
             raise ForgetpackError(f"{path}: cannot load tokenizer ({str(exc)[:200]})") from None
         self.backend.no_padding()
         self.backend.no_truncation()
+        self.pad_id = int(settings.get("pad_id", 0))
+        self.pad_left = settings.get("padding_side", "right") == "left"
         if self.kind == "hf":
             self.backend.enable_truncation(
                 max_length=self.context_length,
                 strategy=settings.get("truncation_strategy", "longest_first"),
                 direction=settings.get("truncation_side", "right"),
             )
-            self.backend.enable_padding(
-                length=self.context_length,
-                pad_id=int(settings["pad_id"]),
-                pad_token=settings.get("pad_token", "[PAD]"),
-                direction=settings.get("padding_side", "right"),
-            )
 
-    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+    @property
+    def cuts(self) -> bool:
+        """Whether padding after the last token can be left out (right padding): see ``pad``."""
+        return not self.pad_left
+
+    def __call__(self, texts: Sequence[str], length: int | None = None) -> np.ndarray:
+        """``[N, length]`` token ids, padded to ``length`` (default: the context), as open_clip's tokenizer gives."""
+        return self.pad(self.token_ids(texts), length)
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's ids with start/end tokens and truncation, unpadded: ``len`` is the tokens a prompt needs."""
         cleaned = [self.clean(t) for t in texts]
         if self.kind == "hf":
-            ids = np.array([e.ids for e in self.backend.encode_batch(cleaned)], dtype=np.int64).reshape(len(texts), -1)
+            out = [list(e.ids) for e in self.backend.encode_batch(cleaned)]
             if self.settings.get("strip_sep_token"):
-                ids[ids == int(self.settings["sep_id"])] = 0
-            return ids
+                sep = int(self.settings["sep_id"])
+                out = [[0 if i == sep else i for i in ids] for ids in out]
+            return out
         sot, eot = int(self.settings["sot_id"]), int(self.settings["eot_id"])
-        out = np.zeros((len(texts), self.context_length), dtype=np.int64)
-        for i, encoding in enumerate(self.backend.encode_batch(cleaned, add_special_tokens=False)):
+        out = []
+        for encoding in self.backend.encode_batch(cleaned, add_special_tokens=False):
             tokens = [sot, *encoding.ids, eot]
             if len(tokens) > self.context_length:
                 tokens = tokens[: self.context_length]
                 tokens[-1] = eot
-            out[i, : len(tokens)] = tokens
+            out.append(tokens)
+        return out
+
+    def pad(self, ids: Sequence[Sequence[int]], length: int | None = None) -> np.ndarray:
+        """``[N, length]`` int64 from ``token_ids`` output: padded with the pad id on the tokenizer's
+        side. ``length`` below the context suits graphs with a dynamic sequence axis: for them,
+        the padding after a prompt changes nothing, so a batch needs only its longest prompt."""
+        length = self.context_length if length is None else int(length)
+        longest = max((len(t) for t in ids), default=0)
+        if not longest <= length <= self.context_length:
+            raise ValueError(f"cannot pad {longest} tokens to {length} (context {self.context_length})")
+        out = np.full((len(ids), length), self.pad_id, dtype=np.int64)
+        for i, tokens in enumerate(ids):
+            if self.pad_left:
+                out[i, length - len(tokens) :] = tokens
+            else:
+                out[i, : len(tokens)] = tokens
         return out
 

@@ -41,6 +41,10 @@ FEATURE_VERSION = "1"  # bump when the way features are computed changes
 MAX_SHARDS = 32  # compact a model's cache directory beyond this many shard files
 DEFAULT_BATCH = 128
 
+class FeaturesNotCached(ForgetpackError):
+    """A model that cannot encode (a warm run's weights-only model) met a prompt the cache lacks."""
+
+
 _memory: dict[tuple[str, str], np.ndarray] = {}
 _loaded_from_disk: set[str] = set()
 _fingerprints: weakref.WeakKeyDictionary[Any, tuple[tuple[int, ...], str]] = weakref.WeakKeyDictionary()
@@ -73,8 +77,12 @@ def text_fingerprint(model: Any, tokenizer: Any) -> str:
     """sha256 of the text tower's weights (projection excluded) and the tokenizer's identity.
 
     Memoised per model object and invalidated when any parameter is modified in place
-    (torch bumps a tensor's version counter on every in-place write).
+    (torch bumps a tensor's version counter on every in-place write). A model that knows
+    its fingerprint (``forgetpack.engine.weights.WeightsOnlyModel``) answers for itself.
     """
+    known = getattr(model, "text_fingerprint", None)
+    if isinstance(known, str):
+        return known
     params = _text_parameters(model)
     versions = tuple(p._version for _, p in params)
     memo = _fingerprints.get(model)
@@ -174,6 +182,8 @@ def text_features(
     if use_cache:
         _load_disk(fp)
     missing = list(dict.fromkeys(p for p in prompts if (fp, p) not in _memory)) if use_cache else list(dict.fromkeys(prompts))
+    if missing and not getattr(loaded.model, "can_encode", True):
+        raise FeaturesNotCached(f"{len(missing)} prompt(s) are not in the feature cache and this model cannot encode")
     if missing:
         feats = encode(loaded, missing, progress=progress, batch_size=batch_size)
         for prompt, row in zip(missing, feats, strict=True):
@@ -206,7 +216,7 @@ def encode(loaded: Any, prompts: Sequence[str], *, progress: Callable[[int, int]
     import torch
 
     model, tokenizer = loaded.model, loaded.tokenizer
-    tower = _TowerRunner(model)
+    tower = TowerRunner(model)
     tokens = tokenizer(list(prompts))
     if not isinstance(tokens, torch.Tensor):
         tokens = torch.as_tensor(tokens)
@@ -242,8 +252,9 @@ def encode(loaded: Any, prompts: Sequence[str], *, progress: Callable[[int, int]
     return out.numpy()
 
 
-class _TowerRunner:
-    """Runs one text tower up to (not including) its projection."""
+class TowerRunner:
+    """Runs one text tower up to (not including) its projection; ``can_cut`` says whether the
+    padding after a prompt may be left out (the export's dynamic text axis relies on it too)."""
 
     def __init__(self, model: Any) -> None:
         text = getattr(model, "text", None)

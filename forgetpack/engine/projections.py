@@ -136,6 +136,11 @@ def find_projection(model: Any, side: str = "text") -> Projection:
     """The projection of the model's ``side`` tower ("text" or "image"), or a clear error."""
     if side not in ("text", "image"):
         raise ValueError(f"side must be 'text' or 'image', not {side!r}")
+    located = getattr(model, "located_projections", None)  # a weights-only model (engine.weights) knows its own
+    if isinstance(located, dict):
+        if side not in located:
+            raise ForgetpackError(f"this model was read without its {side} tower; load the full model")
+        return located[side]
     for rule in RULES:
         if rule.side == side and rule.applies(model):
             proj = rule.locate(model)

@@ -5,7 +5,8 @@ Layout of an export (docs/runtime.md has the manifest schema)::
     DIR/manifest.json     model id, base fingerprints, baked-in patches, opset, towers,
                           projection target -> ONNX initializer, preprocessing, tokenizer
     DIR/image.onnx        pixel_values [batch, 3, H, W] -> embeddings, features
-    DIR/text.onnx         input_ids [batch, context] -> embeddings, features
+    DIR/text.onnx         input_ids [batch, sequence] -> embeddings, features (sequence: up to
+                          the context, dynamic where padding cannot change the result)
     DIR/tokenizer.json    for the ``tokenizers`` library (open_clip's BPE, or the HF tower's own)
 
 This module puts the pieces together; one module per job:
@@ -35,6 +36,7 @@ from forgetpack import __version__
 from forgetpack.export.graph import PARITY_TOLERANCE, example_inputs, export_tower
 from forgetpack.export.preprocess import preprocess_settings
 from forgetpack.export.quantize import quantize_export, quantize_tower
+from forgetpack.export.text_graph import parity_cases
 from forgetpack.export.tokenizer import export_tokenizer
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.fileio import atomic_directory, check_output_dir
@@ -103,7 +105,7 @@ def export_loaded(loaded: LoadedModel, out: PathLike, patches: Patches = (), qua
             report(f"exporting the {tower} tower ...")
             specs[tower], projections[proj.target], checks[tower] = export_tower(
                 model, tower, examples[tower], proj, base_fps[proj.target], current_fps[proj.target],
-                tmp / f"{tower}.onnx", opset, graph_id,
+                tmp / f"{tower}.onnx", opset, graph_id, cases=parity_cases(loaded) if tower == "text" else (),
             )
         if quantize == "int8":
             for tower, spec in specs.items():

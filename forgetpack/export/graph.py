@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from forgetpack.export.text_graph import DYNAMIC_AXIS, max_sequence, sequence_kind, text_encoder, token_lengths
 from forgetpack.format.errors import ForgetpackError, one_line
 from forgetpack.format.manifest import GRAPH_ID_KEY, ExportedProjection, Tower
 from forgetpack.format.onnxfile import OnnxFile
@@ -50,6 +51,8 @@ def example_inputs(loaded: LoadedModel, image_size: Sequence[int]) -> tuple[dict
     ids = loaded.tokenizer(["a photo of a cat.", "zero"])
     with torch.no_grad():
         embed_dim = int(loaded.model.encode_text(ids[:1]).shape[-1])
+    if sequence_kind(loaded.model) is not None:  # a dynamic axis is traced at a length below the context
+        ids = ids[:, : int(token_lengths(loaded.model, ids).max())]
     return {"image": pixels, "text": ids}, embed_dim
 
 
@@ -63,17 +66,22 @@ def export_tower(
     path: Path,
     opset: int,
     graph_id: str,
+    cases: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
 ) -> tuple[Tower, ExportedProjection, float]:
     """Write ``path`` and return its manifest entries and the measured ONNX-vs-torch difference.
 
     ``proj`` is the located projection (``forgetpack.engine.projections``); ``base_fp`` and
-    ``current_fp`` are the fingerprints of its unpatched and its (patched) matrix.
+    ``current_fp`` are the fingerprints of its unpatched and its (patched) matrix. The text
+    tower gets a dynamic sequence axis where its features allow it (``text_graph``); ``cases``
+    are (graph input, open_clip input) pairs checked for parity besides ``example``.
     """
     import onnx
 
-    module = _encoder(model, tower)
+    reference = _encoder(model, tower)
+    sequence = sequence_kind(model) if tower == "text" else None
+    module = text_encoder(model) if sequence is not None else reference
     input_name, input_dtype = INPUTS[tower]
-    proto = _to_onnx(module, tower, example, input_name, opset)
+    proto = _to_onnx(module, tower, example, input_name, opset, max_sequence(model) if sequence is not None else None)
     strip_prefix(proto, "model.")
     node, bias = projection_node(proto, tower, proj)
     matrix = initializer(proto, proj.target)
@@ -89,11 +97,12 @@ def export_tower(
     name_nodes(proto)
     set_metadata(proto, {GRAPH_ID_KEY: graph_id, "forgetpack.tower": tower})
     onnx.save_model(proto, str(path))
-    reproject, check = _verify(path, module, example, input_name, proj, matrix, bias, tower)
+    checks = [(example, example if sequence is None else None), *cases]
+    reproject, check = _verify(path, reference, module, checks, input_name, proj, matrix, bias, tower)
     spec = Tower(
         file=path.name,
         input=input_name,
-        input_shape=["batch", *[int(d) for d in example.shape[1:]]],
+        input_shape=["batch", DYNAMIC_AXIS] if sequence is not None else ["batch", *[int(d) for d in example.shape[1:]]],
         input_dtype=input_dtype,
         projection=proj.target,
     )
@@ -119,15 +128,19 @@ def _encoder(model: Any, tower: str) -> torch.nn.Module:
     return Encode().eval()
 
 
-def _to_onnx(module: torch.nn.Module, tower: str, example: torch.Tensor, input_name: str, opset: int) -> onnx.ModelProto:
+def _to_onnx(module: torch.nn.Module, tower: str, example: torch.Tensor, input_name: str, opset: int,
+             sequence: int | None = None) -> onnx.ModelProto:
+    """The graph with a dynamic batch axis, and a dynamic sequence axis up to ``sequence`` tokens if given."""
     import torch
 
-    batch = torch.export.Dim("batch", min=1, max=65536)
+    axes = {0: torch.export.Dim("batch", min=1, max=65536)}
+    if sequence is not None:  # a prompt holds at least its start and end tokens
+        axes[1] = torch.export.Dim(DYNAMIC_AXIS, min=2, max=sequence)
     with quiet():
         try:
             program = torch.onnx.export(
                 module, (example,), None, dynamo=True, external_data=False, input_names=[input_name],
-                output_names=["embeddings"], dynamic_shapes=({0: batch},), opset_version=opset,
+                output_names=["embeddings"], dynamic_shapes=(axes,), opset_version=opset,
             )
         except Exception as exc:
             raise ForgetpackError(f"ONNX export of the {tower} tower failed: {one_line(exc)}") from exc
@@ -226,30 +239,39 @@ def set_metadata(proto: onnx.ModelProto, values: dict[str, str]) -> None:
 
 
 def _verify(
-    path: Path, module: Any, example: Any, input_name: str, proj: Any, matrix: np.ndarray, bias: str | None, tower: str
+    path: Path, reference: Any, module: Any, checks: Sequence[tuple[Any, Any]], input_name: str, proj: Any,
+    matrix: np.ndarray, bias: str | None, tower: str,
 ) -> tuple[bool, float]:
-    """ONNX vs torch on the example; and whether ``features @ W (+ b)`` reproduces ``embeddings``."""
+    """ONNX vs torch on every (graph input, reference input) pair; and whether ``features @ W (+ b)``
+    reproduces ``embeddings``. The reference is open_clip's own ``encode_*``; a pair without a
+    reference input is compared with the exported module (the trace example of a dynamic axis)."""
     import onnxruntime as ort
     import torch
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    embeddings, features = session.run(["embeddings", "features"], {input_name: example.numpy()})
-    with torch.no_grad():
-        expected = module(example).numpy()
-    diff = float(np.abs(_normalise(embeddings) - _normalise(expected)).max())
-    if not diff <= PARITY_TOLERANCE:
-        raise ForgetpackError(f"the exported {tower} graph disagrees with torch: max abs difference {diff:.2e} on normalised embeddings")
-    w = matrix.astype(np.float64)
-    projected = features.astype(np.float64) @ (w if proj.layout == "in_out" else w.T)
+    diff, reproject = 0.0, True
+    bias_value = None
     if bias is not None:
         info = OnnxFile(path).initializers.get(bias)
-        if info is None:
-            return False, diff
-        projected = projected + info.array().astype(np.float64)
-    scale = max(float(np.abs(embeddings).max()), 1e-12)
-    return bool(np.abs(projected - embeddings).max() <= 1e-4 * scale), diff
+        reproject = info is not None
+        bias_value = info.array().astype(np.float64) if info is not None else None
+    w = matrix.astype(np.float64)
+    for graph_input, reference_input in checks:
+        embeddings, features = session.run(["embeddings", "features"], {input_name: graph_input.numpy()})
+        with torch.no_grad():
+            expected = (reference(reference_input) if reference_input is not None else module(graph_input)).numpy()
+        diff = max(diff, float(np.abs(_normalise(embeddings) - _normalise(expected)).max()))
+        if not diff <= PARITY_TOLERANCE:
+            raise ForgetpackError(f"the exported {tower} graph disagrees with torch: max abs difference {diff:.2e} "
+                                  f"on normalised embeddings (input shape {list(graph_input.shape)})")
+        projected = features.astype(np.float64) @ (w if proj.layout == "in_out" else w.T)
+        if bias_value is not None:
+            projected = projected + bias_value
+        scale = max(float(np.abs(embeddings).max()), 1e-12)
+        reproject = reproject and bool(np.abs(projected - embeddings).max() <= 1e-4 * scale)
+    return reproject, diff
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:

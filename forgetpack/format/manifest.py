@@ -42,7 +42,7 @@ class Tower:
 
     file: str
     input: str
-    input_shape: list[int | str]  # "batch" for the dynamic axis
+    input_shape: list[int | str]  # "batch" for the dynamic axis; text: "sequence" when any length up to the context works
     input_dtype: str  # "float32" | "int64"
     embeddings: str = "embeddings"
     features: str | None = "features"

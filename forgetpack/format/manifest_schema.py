@@ -20,6 +20,7 @@ FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 MAX_SIDE = 8192  # pixels of a preprocessed input side
 MAX_CONTEXT = 4096  # tokens
+SEQUENCE_AXIS = "sequence"  # a text input axis that takes any length up to the tokenizer's context
 MAX_LOGIT = 1e4
 
 
@@ -115,7 +116,9 @@ def _tower(c: _Check, name: str, tower: dict[str, Any]) -> None:
     shape = tower.get("input_shape")
     if not isinstance(shape, list) or not shape or shape[0] != "batch":
         raise c.fail(f"{field}.input_shape", f"must start with the batch axis, not {_short(shape)}")
-    for d in shape[1:]:
+    for i, d in enumerate(shape[1:], 1):
+        if name == "text" and i == 1 and d == SEQUENCE_AXIS:  # a dynamic sequence axis (feed up to the context)
+            continue
         c.integer(d, f"{field}.input_shape", 1, MAX_SIDE)
     c.text(tower.get("embeddings", "embeddings"), f"{field}.embeddings")
     for optional in ("features", "projection"):

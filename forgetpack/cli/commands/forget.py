@@ -109,12 +109,11 @@ def forget(model: str, forget_names: tuple[str, ...], preserve: tuple[str, ...],
                             harden=families, **_given(solver=solver, target=target, target_norm=target_norm, templates=templates,
                                      rank=rank, seed=seed))
 
-    from forgetpack.engine.models import load_model
     from forgetpack.engine.solve import forget as run_forget
+    from forgetpack.engine.weights import run_with_model
 
-    loaded = load_model(model)
-    with progress_bar(not as_json) as progress:
-        result = run_forget(loaded, request, progress=progress)
+    with progress_bar(not as_json) as progress:  # warm: no model built when every feature is cached
+        result = run_with_model(model, lambda loaded: run_forget(loaded, request, progress=progress))
     result.patch.save(output)
     _print_result(result, output, as_json)
 
@@ -133,11 +132,11 @@ def compose(model: str, patches: tuple[Path, ...], output: Path, solver: str | N
     check_output_file(output, "patch")
     loaded_patches = [read_patch(p) for p in patches]
 
-    from forgetpack.engine.models import load_model
     from forgetpack.engine.solve import compose as run_compose
+    from forgetpack.engine.weights import run_with_model
 
-    loaded = load_model(model)
     with progress_bar(not as_json) as progress:
-        result = run_compose(loaded, loaded_patches, progress=progress, solver=solver, rank=rank)
+        result = run_with_model(model, lambda loaded: run_compose(loaded, loaded_patches, progress=progress,
+                                                                  solver=solver, rank=rank))
     result.patch.save(output)
     _print_result(result, output, as_json)
