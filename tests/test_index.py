@@ -269,3 +269,30 @@ def test_mini_search_seven_forgets_sevens(mini_index) -> None:
     assert any(Path(h.path).name.startswith("seven-") for h in before.hits)
     after = search(index, "seven", k=10, patches=[patch])
     assert not any(Path(h.path).name.startswith("seven-") for h in after.hits)
+
+
+@pytest.mark.slow
+def test_towers_option_loads_only_what_a_job_uses(mini_index) -> None:
+    """rescore/search load the text tower only, indexing the image tower only; each refuses the other's work."""
+    import runtime
+    from runtime.index.embed import ModelSpec
+    from runtime.index.rescore import open_session
+
+    export_dir, root, index, _ = mini_index
+    image = sorted(root.glob("seven-*.png"))[0]
+    full = runtime.load(export_dir, threads=1)
+    text, _ = open_session(IndexStore.open(index), threads=1)
+    assert text.backend.towers == ("text",)
+    np.testing.assert_array_equal(text.encode_text(["seven"]), full.encode_text(["seven"]))
+    with pytest.raises(ForgetpackError, match="loaded without its image tower"):
+        text.encode_image([image])
+    images = ModelSpec(str(export_dir), threads=1)()
+    assert images.backend.towers == ("image",)
+    np.testing.assert_array_equal(images.encode_image([image]), full.encode_image([image]))
+    with pytest.raises(ForgetpackError, match="loaded without its text tower"):
+        images.encode_text(["seven"])
+    assert runtime.load(export_dir, towers=()).backend.towers == ()  # the manifest alone (the Ray driver's check)
+    with pytest.raises(ForgetpackError, match="has no 'audio' tower"):
+        runtime.load(export_dir, towers=("audio",))
+    with pytest.raises(ForgetpackError, match="towers must be a list"):
+        runtime.load(export_dir, towers=[1])

@@ -71,7 +71,19 @@ def test_two_replicas_answer_identically_with_and_without_a_patch(ray_app):
                 break
     first = next(iter(seen.values()))
     assert all(answer == first for answer in seen.values())
-    assert first["results"][0] == answers[("seven", replicas[0])]["results"][0]
+    # one image here, two in the handle calls: a different batch may change the last bits, never the answer
+    over_http, by_handle = first["results"][0], answers[("seven", replicas[0])]["results"][0]
+    assert over_http["label"] == by_handle["label"]
+    assert _numbers(over_http) == pytest.approx(_numbers(by_handle), abs=1e-5)
+
+
+def _numbers(value: object) -> list[float]:
+    """Every number in a JSON answer, in order."""
+    if isinstance(value, dict):
+        return [x for k in sorted(value) for x in _numbers(value[k])]
+    if isinstance(value, list):
+        return [x for v in value for x in _numbers(v)]
+    return [float(value)] if isinstance(value, int | float) and not isinstance(value, bool) else []
 
 
 def b64_of(data: bytes) -> str:

@@ -10,7 +10,9 @@ In one run:
    <= 1 GB on 2 cores), and the ratio of rescoring to re-embedding the same collection;
 3. search latency p50 on those rows: exact scan, then through the IVF-PQ index.
 
-The machine may be shared: the load average is printed with the numbers, which other processes skew.
+The machine may be shared: the load average is printed with each measurement, and each process's CPU
+time (``resource.getrusage``) beside its wall time, since other processes stretch the wall time only.
+The CPU model and its instruction-set features are printed first (tools/machine_limits.py).
 
     python tools/bench_index.py                                  # mini, exported into a temp dir
     python tools/bench_index.py --export /tmp/vitb32 --images 128 # a ViT-B-32 export (512-d)
@@ -31,6 +33,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from machine_limits import cpu_features  # tools/ is on the path when this script runs
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -48,8 +51,10 @@ def write_images(folder: Path, count: int) -> None:
 
 
 def index_throughput(export: Path, images: Path, work: Path, threads: int, workers: int, shard: int) -> dict:
-    """Wall time of each engine on the same images, LanceDB imported and Ray started beforehand (the Ray
-    time still includes starting its actors and loading their sessions: that is part of its overhead)."""
+    """Wall time of each engine on the same images, LanceDB imported and Ray started (and ``ray.data``
+    imported) beforehand. Both times include loading the model; the Ray time also starts its actor
+    processes, a fixed cost (seconds) that only a run long enough amortises: its outputs stream back
+    in bursts, so no steady rate can be read off the progress of one run."""
     import ray
 
     from runtime.index import build_index
@@ -59,9 +64,13 @@ def index_throughput(export: Path, images: Path, work: Path, threads: int, worke
     for image in sorted(images.iterdir())[:4]:
         (warm / image.name).write_bytes(image.read_bytes())
     build_index(warm, work / "warm.index", export, threads=threads, ann=False)  # imports lancedb, onnxruntime
+    load = {"local": [round(x, 2) for x in os.getloadavg()]}
     local = build_index(images, work / "local", export, threads=threads, shard_size=shard, ann=False)
+    load["ray"] = [round(x, 2) for x in os.getloadavg()]
     start = time.perf_counter()
     ray.init(num_cpus=threads, include_dashboard=False, log_to_driver=False)
+    import ray.data  # noqa: F401  (a one-time import, like LanceDB's above)
+
     ray_start = time.perf_counter() - start
     try:
         remote = build_index(images, work / "ray", export, engine="ray", workers=workers,
@@ -71,7 +80,7 @@ def index_throughput(export: Path, images: Path, work: Path, threads: int, worke
     return {"images": local.items, "shard_size": shard, "ray_init_s": round(ray_start, 2),
             "local_s": round(local.seconds, 2), "ray_s": round(remote.seconds, 2),
             "local_images_per_s": round(local.images_per_s, 2), "ray_images_per_s": round(remote.images_per_s, 2),
-            "ray_overhead": round(1 - remote.images_per_s / local.images_per_s, 4)}
+            "ray_overhead": round(1 - remote.images_per_s / local.images_per_s, 4), "load_average": load}
 
 
 def synthetic_index(export: Path, uri: Path, rows: int, chunk: int = 16384) -> float:
@@ -110,31 +119,36 @@ def new_patch(export: Path, out: Path) -> Path:
     return out
 
 
-# Peak memory is the process's VmHWM (ru_maxrss would include the parent's size at fork).
+# Peak memory is the process's VmHWM: resource.getrusage's ru_maxrss would include the parent's size at
+# fork (Linux carries the old mm's high-water mark across exec), and this parent holds models.
 PEAK = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024"
 RESCORE = textwrap.dedent(f"""
-    import json, sys, time
+    import json, resource, sys, time
+    cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
     from runtime.index import rescore
-    times = []
+    times, cpus = [], []
     for _ in range(2):  # cold (imports lancedb, loads the model), then warm
-        start = time.perf_counter()
+        start, used = time.perf_counter(), cpu()
         report = rescore(sys.argv[1], sys.argv[3].split(","), patches=[sys.argv[2]], compare=sys.argv[4] == "1")
         times.append(time.perf_counter() - start)
-    print(json.dumps({{"cold_s": round(times[0], 2), "warm_s": round(times[1], 2), "rows": report.rows,
-                      "peak_rss_mb": round({PEAK})}}))
+        cpus.append(cpu() - used)
+    print(json.dumps({{"cold_s": round(times[0], 2), "warm_s": round(times[1], 2), "cold_cpu_s": round(cpus[0], 2),
+                      "warm_cpu_s": round(cpus[1], 2), "rows": report.rows, "peak_rss_mb": round({PEAK})}}))
 """)
 BASELINE = textwrap.dedent(f"""
     import json, sys
-    import runtime, lancedb, pyarrow
+    import lancedb, pyarrow
     from runtime.index import IndexStore
-    runtime.load(IndexStore.open(sys.argv[1]).meta["model"])
+    from runtime.index.rescore import open_session
+    open_session(IndexStore.open(sys.argv[1]))  # the model as rescore loads it
     print(json.dumps({{"peak_rss_mb": round({PEAK})}}))
 """)
 
 
 def run_json(script: str, *args: str) -> dict:
+    load = [round(x, 2) for x in os.getloadavg()]
     done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "load_average": load}
 
 
 def search_latency(uri: Path, queries: int, k: int = 10) -> float:
@@ -157,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default="mini", help="model spec to export when --export is not given")
     parser.add_argument("--export", type=Path, help="an export directory to reuse")
-    parser.add_argument("--images", type=int, default=1024, help="images for the throughput comparison")
-    parser.add_argument("--shard-size", type=int, default=128, help="shard size for the throughput comparison")
+    parser.add_argument("--images", type=int, default=4096,
+                        help="images for the throughput comparison (enough for mini to amortise Ray's actor start)")
+    parser.add_argument("--shard-size", type=int, default=256, help="shard size for the throughput comparison")
     parser.add_argument("--rows", type=int, default=1_000_000, help="stored embeddings to rescore and search (0: skip)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1, help="Ray actors (threads are split between them)")
@@ -178,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         run_export(args.spec, export, force=True)
     from runtime.index.store import IndexStore
 
-    results: dict = {"model": str(export), "cpus": os.cpu_count(), "threads": args.threads,
+    results: dict = {"model": str(export), "cpu": cpu_features(), "threads": args.threads,
                      "load_average_before": [round(x, 2) for x in os.getloadavg()]}
+    print(json.dumps({"cpu": results["cpu"]}), flush=True)
     write_images(work / "images", args.images)
     results["index"] = index_throughput(export, work / "images", work, args.threads, args.workers, args.shard_size)
     print(json.dumps({"index": results["index"]}), flush=True)

@@ -75,3 +75,19 @@ def check_threads(threads: Any) -> int | None:
     if type(threads) is not int or not 1 <= threads <= MAX_THREADS:
         raise ForgetpackError(f"threads must be a whole number from 1 to {MAX_THREADS}, not {threads!r}")
     return threads
+
+
+def check_towers(towers: Any, available: Sequence[str], where: str) -> tuple[str, ...]:
+    """The one rule for a ``towers`` option: None (every tower of the model) or some of ``available``.
+
+    Loading only the towers a job uses saves their memory and load time (an index scan needs the
+    text tower alone, an indexing worker the image tower alone)."""
+    if towers is None:
+        return tuple(available)
+    names = (towers,) if isinstance(towers, str) else towers
+    if not isinstance(names, (tuple, list)) or not all(isinstance(t, str) for t in names):
+        raise ForgetpackError(f"towers must be a list of tower names ({', '.join(available)}), not {towers!r}")
+    unknown = [t for t in names if t not in available]
+    if unknown:
+        raise ForgetpackError(f"{where}: has no {unknown[0]!r} tower (towers: {', '.join(available)})")
+    return tuple(t for t in available if t in names)

@@ -31,7 +31,7 @@ from forgetpack.format.manifest import GRAPH_ID_KEY, Manifest
 from forgetpack.format.manifest_schema import SEQUENCE_AXIS
 from forgetpack.format.onnxfile import OnnxFile
 from forgetpack.format.patch import Patch, fingerprint
-from runtime.backends import Backend, check_threads
+from runtime.backends import Backend, check_threads, check_towers
 from runtime.preprocess import Preprocessor
 from runtime.text_cache import TextFeatureCache
 from runtime.tokenizer import TextTokenizer
@@ -85,7 +85,9 @@ class _State:
 
 
 class OnnxBackend(Backend):
-    """Serve an export directory with onnxruntime."""
+    """Serve an export directory with onnxruntime.
+
+    ``towers`` (e.g. ``("text",)``): start sessions for these towers only; the others cost no memory and cannot encode."""
 
     name = "onnx"
 
@@ -94,6 +96,7 @@ class OnnxBackend(Backend):
         source: str | os.PathLike[str],
         providers: Sequence[ProviderSpec] | str | None = None,
         threads: int | None = None,
+        towers: Sequence[str] | None = None,
         **options: Any,
     ):
         if options:
@@ -105,6 +108,7 @@ class OnnxBackend(Backend):
         self.baked = tuple(p["digest"] for p in manifest.patches)
         self.providers = resolve_providers(providers)
         self.threads = check_threads(threads)
+        self.towers = check_towers(towers, tuple(manifest.towers), str(self.directory))  # the ones given sessions
         self._graphs = {name: self._open_graph(name) for name in manifest.towers}
         self._graph_matrices: dict[str, np.ndarray] = {}
         self._bias: dict[str, np.ndarray | None] = {}
@@ -121,9 +125,9 @@ class OnnxBackend(Backend):
         self.targets = {t: TargetInfo(tuple(p.shape), p.base, p.layout) for t, p in manifest.projections.items()}
         self._matmul = self._projector()
         self._state = _State(dict(self._graph_matrices), self._feature_forms(self._graph_matrices),
-                             {name: self._session(name, {}) for name in manifest.towers})
-        self._preprocess = Preprocessor(manifest.preprocess) if "image" in manifest.towers else None
-        self._tokenizer = TextTokenizer(self.directory, manifest.tokenizer) if "text" in manifest.towers else None
+                             {name: self._session(name, {}) for name in self.towers})
+        self._preprocess = Preprocessor(manifest.preprocess) if "image" in self.towers else None
+        self._tokenizer = TextTokenizer(self.directory, manifest.tokenizer) if "text" in self.towers else None
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._text_cache_lock = threading.Lock()
         self._text_store: TextFeatureCache | None = None  # on disk, shared by processes (runtime/text_cache.py)
@@ -302,6 +306,8 @@ class OnnxBackend(Backend):
     def _require(self, tower: str) -> None:
         if tower not in self.manifest.towers:
             raise ForgetpackError(f"{self.directory}: this export has no {tower} tower")
+        if tower not in self.towers:
+            raise ForgetpackError(f"{self.directory}: was loaded without its {tower} tower (towers={list(self.towers)}); load it with that tower to encode {tower}s")
 
     @property
     def matrices(self) -> dict[str, np.ndarray]:
@@ -314,7 +320,7 @@ class OnnxBackend(Backend):
         matrices = apply_in_order(self._graph_matrices, patches, self.targets, model=self.model_id, applied=self.baked)
         old = self._state
         sessions = dict(old.sessions)
-        for tower in self.manifest.towers:
+        for tower in self.towers:
             target = self.manifest.towers[tower].projection
             if target is None or self._reprojects(tower) is not None:
                 continue
@@ -335,7 +341,7 @@ class OnnxBackend(Backend):
         its own onnxruntime session per state, so a patch set that changes such a tower is refused."""
         matrices = apply_in_order(self._graph_matrices, patches, self.targets, model=self.model_id, applied=self.baked)
         current = self._state
-        for tower in self.manifest.towers:
+        for tower in self.towers:
             target = self.manifest.towers[tower].projection
             if target is None or self._reprojects(tower) is not None:
                 continue

