@@ -114,3 +114,18 @@ def progress_bar(enabled: bool, what: str = "encoding text") -> Iterator[Callabl
     with Progress(*columns, console=console(stderr=True), transient=True) as bar:
         task = bar.add_task(what, total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def figure_png(fig: Any) -> bytes:
+    """A finished matplotlib figure as PNG bytes; the figure is closed (pyplot keeps open ones alive)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.tight_layout()
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
+        return png.getvalue()
+    finally:
+        plt.close(fig)

@@ -7,13 +7,12 @@ users). matplotlib is imported inside the function that draws.
 
 from __future__ import annotations
 
-import io
 import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from forgetpack.cli.render import Table, escape
+from forgetpack.cli.render import Table, escape, figure_png
 from forgetpack.cli.render import console as verbatim_console
 
 if TYPE_CHECKING:
@@ -128,16 +127,10 @@ def plot_png(report: EvalReport) -> bytes:
 
     names = list(report.base)
     fig, axes = plt.subplots(len(names), 1, figsize=(10, 2.8 * len(names)), squeeze=False)
-    try:
-        for ax, name in zip(axes[:, 0], names, strict=True):
-            _plot_dataset(ax, report, name)
-        fig.suptitle(_title(report))
-        fig.tight_layout()
-        png = io.BytesIO()
-        fig.savefig(png, format="png", dpi=100)
-    finally:
-        plt.close(fig)
-    return png.getvalue()
+    for ax, name in zip(axes[:, 0], names, strict=True):
+        _plot_dataset(ax, report, name)
+    fig.suptitle(_title(report))
+    return figure_png(fig)
 
 
 def _plot_dataset(ax: Any, report: EvalReport, name: str) -> None:

@@ -5,7 +5,6 @@ torch and open_clip are imported inside the command, so ``forgetpack --help`` st
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 
 import click
 
-from forgetpack.cli.render import Table, echo, print_json, progress_bar, show
+from forgetpack.cli.render import Table, echo, figure_png, print_json, progress_bar, show
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.fileio import check_output_file, write_bytes_atomic
 from forgetpack.format.names import split_names
@@ -152,17 +151,11 @@ def plot_png(report: Any) -> bytes:
     x = np.arange(len(labels))
     width = 0.8 / len(report.solvers)
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(labels) + 2), 4.5))
-    try:
-        for i, s in enumerate(report.solvers):
-            ax.bar(x + (i - (len(report.solvers) - 1) / 2) * width, [np.nan_to_num(r.score.score) for r in report.rows(s)],
-                   width, label=s)  # fmt: skip
-        ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("S (lower is better)")
-        ax.set_title(f"{report.model}: the paper's forgetting score per request", loc="left")
-        ax.legend()
-        fig.tight_layout()
-        png = io.BytesIO()
-        fig.savefig(png, format="png", dpi=100)
-    finally:
-        plt.close(fig)
-    return png.getvalue()
+    for i, s in enumerate(report.solvers):
+        ax.bar(x + (i - (len(report.solvers) - 1) / 2) * width, [np.nan_to_num(r.score.score) for r in report.rows(s)],
+               width, label=s)  # fmt: skip
+    ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("S (lower is better)")
+    ax.set_title(f"{report.model}: the paper's forgetting score per request", loc="left")
+    ax.legend()
+    return figure_png(fig)
