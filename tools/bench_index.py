@@ -51,10 +51,15 @@ def write_images(folder: Path, count: int) -> None:
 
 
 def index_throughput(export: Path, images: Path, work: Path, threads: int, workers: int, shard: int) -> dict:
-    """Wall time of each engine on the same images, LanceDB imported and Ray started (and ``ray.data``
-    imported) beforehand. Both times include loading the model; the Ray time also starts its actor
-    processes, a fixed cost (seconds) that only a run long enough amortises: its outputs stream back
-    in bursts, so no steady rate can be read off the progress of one run."""
+    """Each engine on the same images, LanceDB imported and Ray started (and ``ray.data`` imported)
+    beforehand. Two figures per engine, from the time each shard was committed:
+
+    - the whole run's rate (model loading and, for Ray, starting its actor processes included);
+    - the start cost (until the first shard is committed) and the steady rate after it, which needs
+      four shards or more to mean anything.
+
+    Ray's start is a fixed cost of seconds; what it costs a collection depends on how long the run
+    is, so the overhead is also extrapolated to a run of ``--extrapolate`` images at the steady rates."""
     import ray
 
     from runtime.index import build_index
@@ -64,23 +69,41 @@ def index_throughput(export: Path, images: Path, work: Path, threads: int, worke
     for image in sorted(images.iterdir())[:4]:
         (warm / image.name).write_bytes(image.read_bytes())
     build_index(warm, work / "warm.index", export, threads=threads, ann=False)  # imports lancedb, onnxruntime
-    load = {"local": [round(x, 2) for x in os.getloadavg()]}
-    local = build_index(images, work / "local", export, threads=threads, shard_size=shard, ann=False)
-    load["ray"] = [round(x, 2) for x in os.getloadavg()]
+
+    def timed(engine: str, **options) -> tuple[object, dict]:
+        stamps: list[tuple[int, float]] = []
+        load = [round(x, 2) for x in os.getloadavg()]
+        report = build_index(images, work / engine, export, engine=engine, shard_size=shard, ann=False,
+                             progress=lambda p: stamps.append((p.items_done, p.seconds)), **options)
+        # Ray Data hands a shard's result over when the next shard is done and the last ones in a burst,
+        # so the steady rate runs from the first commit to the last but one (the same for both engines)
+        (first_items, first_s), (last_items, last_s) = stamps[0], stamps[max(0, len(stamps) - 2)]
+        steady = (last_items - first_items) / (last_s - first_s) if last_s > first_s else float("nan")
+        return report, {"s": round(report.seconds, 2), "images_per_s": round(report.images_per_s, 2),
+                        "first_shard_s": round(first_s, 2), "steady_images_per_s": round(steady, 2), "load_average": load}
+
+    local, local_figures = timed("local", threads=threads)
     start = time.perf_counter()
     ray.init(num_cpus=threads, include_dashboard=False, log_to_driver=False)
     import ray.data  # noqa: F401  (a one-time import, like LanceDB's above)
 
     ray_start = time.perf_counter() - start
     try:
-        remote = build_index(images, work / "ray", export, engine="ray", workers=workers,
-                             threads=max(1, threads // workers), shard_size=shard, ann=False)
+        remote, ray_figures = timed("ray", workers=workers, threads=max(1, threads // workers))
     finally:
         ray.shutdown()
     return {"images": local.items, "shard_size": shard, "ray_init_s": round(ray_start, 2),
-            "local_s": round(local.seconds, 2), "ray_s": round(remote.seconds, 2),
-            "local_images_per_s": round(local.images_per_s, 2), "ray_images_per_s": round(remote.images_per_s, 2),
-            "ray_overhead": round(1 - remote.images_per_s / local.images_per_s, 4), "load_average": load}
+            "local": local_figures, "ray": ray_figures,
+            "ray_overhead": round(1 - remote.images_per_s / local.images_per_s, 4),
+            "ray_steady_overhead": round(1 - ray_figures["steady_images_per_s"] / local_figures["steady_images_per_s"], 4),
+            "ray_start_cost_s": round(ray_figures["first_shard_s"] - local_figures["first_shard_s"], 2)}
+
+
+def extrapolated_overhead(index: dict, images: int) -> float:
+    """Ray's overhead on a run of ``images``: its extra start cost plus both steady rates."""
+    local = index["local"]["first_shard_s"] + images / index["local"]["steady_images_per_s"]
+    remote = index["ray"]["first_shard_s"] + images / index["ray"]["steady_images_per_s"]
+    return round(1 - local / remote, 4)
 
 
 def synthetic_index(export: Path, uri: Path, rows: int, chunk: int = 16384) -> float:
@@ -174,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=4096,
                         help="images for the throughput comparison (enough for mini to amortise Ray's actor start)")
     parser.add_argument("--shard-size", type=int, default=256, help="shard size for the throughput comparison")
+    parser.add_argument("--extrapolate", type=int, default=100_000,
+                        help="images of the run to which Ray's overhead is extrapolated from the measured rates")
     parser.add_argument("--rows", type=int, default=1_000_000, help="stored embeddings to rescore and search (0: skip)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1, help="Ray actors (threads are split between them)")
@@ -198,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"cpu": results["cpu"]}), flush=True)
     write_images(work / "images", args.images)
     results["index"] = index_throughput(export, work / "images", work, args.threads, args.workers, args.shard_size)
+    results["index"][f"ray_overhead_at_{args.extrapolate}_images"] = extrapolated_overhead(results["index"], args.extrapolate)
     print(json.dumps({"index": results["index"]}), flush=True)
 
     if args.rows == 0:  # the throughput comparison only
@@ -211,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     results["rescore"] = run_json(RESCORE, str(uri), str(patch), labels, "0")
     results["rescore_compare"] = run_json(RESCORE, str(uri), str(patch), labels, "1")
     results["process_baseline_rss_mb"] = run_json(BASELINE, str(uri))["peak_rss_mb"]
-    reembed_s = args.rows / results["index"]["local_images_per_s"]
+    reembed_s = args.rows / results["index"]["local"]["images_per_s"]
     results["reembed_estimate_s"] = round(reembed_s, 1)
     results["rescore_vs_reembed"] = round(results["rescore"]["cold_s"] / reembed_s, 6)
     print(json.dumps({"rescore": results["rescore"], "rescore_vs_reembed": results["rescore_vs_reembed"]}), flush=True)
