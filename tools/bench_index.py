@@ -4,7 +4,7 @@ In one run:
 
 1. index throughput of the local engine and of Ray Data on a local instance, on the same images
    (held-out MNIST digits written as PNG; every image costs the same after resizing), and the
-   Ray overhead (target <= 15%);
+   Ray overhead (target <= 15%), with its start cost and steady rate apart;
 2. rescore of ``--rows`` stored embeddings (synthetic unit vectors in a real index, default
    1,000,000) with a new patch: time and peak memory of a fresh process (targets <= 10 s and
    <= 1 GB on 2 cores), and the ratio of rescoring to re-embedding the same collection;
