@@ -35,6 +35,21 @@ def test_round_trip(tmp_path: Path) -> None:
     assert back.to_bytes() == path.read_bytes()  # reading and re-writing is the identity
 
 
+def test_digest_is_hashed_once_per_instance(monkeypatch) -> None:
+    import dataclasses
+
+    from forgetpack.format import patch as patch_module
+
+    patch = make_patch(base_matrices(), seed=1)
+    calls = []
+    real = patch_module.content_digest
+    monkeypatch.setattr(patch_module, "content_digest", lambda *a: calls.append(1) or real(*a))
+    first = patch.digest
+    assert patch.digest == first and len(calls) == 1  # services key caches by it: no re-hashing
+    changed = dataclasses.replace(patch, recipe={"forget": ["other"]})
+    assert changed.digest != first and len(calls) == 2  # a new instance has its own digest
+
+
 def test_readable_by_plain_safetensors(tmp_path: Path) -> None:
     base = base_matrices()
     patch = make_patch(base, seed=1)

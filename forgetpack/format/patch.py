@@ -19,6 +19,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -167,8 +168,10 @@ class Patch:
             meta["key_id"] = self.key_id or ""
         return meta
 
-    @property
+    @cached_property
     def digest(self) -> str:
+        """The content digest, computed once per instance (hashing every tensor is not free, and
+        services key their caches by it); ``dataclasses.replace`` makes a new instance, a new digest."""
         return self.metadata()["digest"]
 
     def to_bytes(self) -> bytes:
