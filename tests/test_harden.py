@@ -43,8 +43,10 @@ def test_a_hardened_patch_is_clean_and_says_so(mini, tmp_path, capsys) -> None:
     recorded = read_patch(path)
     assert recorded.recipe["harden"] == list(DEFAULT_HARDEN_FAMILIES) and recorded.effect["audit"]["clean"]
     assert Recipe.from_json(recorded.recipe).harden == list(DEFAULT_HARDEN_FAMILIES)  # compose re-hardens
+    capsys.readouterr()
     assert main(["inspect", str(path)]) == 0
-    assert "effect audit" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "hardened" in shown and "templates, surface, lexicon" in shown and "clean after" in shown
 
 
 def test_harden_on_the_command_line(tmp_path, capsys) -> None:

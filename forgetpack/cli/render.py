@@ -116,6 +116,21 @@ def progress_bar(enabled: bool, what: str = "encoding text") -> Iterator[Callabl
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
+def hardening_summary(recipe: dict[str, Any], effect: dict[str, Any]) -> str | None:
+    """One line on what a patch was hardened against and what the last look through the grid found
+    (``forget`` and ``inspect`` both show it); None for a patch that was not hardened."""
+    audit = effect.get("audit")
+    if not isinstance(audit, dict) or not isinstance(audit.get("families"), dict):
+        return None
+    families = [f for f in audit["families"].values() if isinstance(f, dict)]
+    found = sum(int(f.get("bypasses", 0)) for f in families)
+    tried = sum(int(f.get("tried", 0)) for f in families)
+    regressed = len(audit.get("regressed") or [])
+    verdict = "clean" if audit.get("clean") else f"{found} bypass(es), {regressed} regressed prompt(s) left"
+    against = ", ".join(map(str, recipe.get("harden") or audit["families"]))
+    return f"{against}: {tried} variants, {verdict} after {audit.get('rounds', 0)} round(s)"
+
+
 def figure_png(fig: Any) -> bytes:
     """A finished matplotlib figure as PNG bytes; the figure is closed (pyplot keeps open ones alive)."""
     import io

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from forgetpack.cli.render import Table, print_json, progress_bar, show, warn
+from forgetpack.cli.render import Table, hardening_summary, print_json, progress_bar, show, warn
 from forgetpack.engine.request import DEFAULT_HARDEN_FAMILIES, DEFAULT_SOLVER, TARGET_NORMS, TARGETS, ForgetRequest
 from forgetpack.engine.solvers import available_solvers
 from forgetpack.format.errors import ForgetpackError
@@ -56,12 +56,9 @@ def _print_result(result: Any, output: Path, as_json: bool) -> None:
         info.add_row("aliases", f"{aliases} (not preserved; add them with --forget to forget them too)")
     info.add_row("solver", f"{recipe['solver']}, target {recipe['target']}, rank {report['rank']}, "
                  f"{len(recipe['templates'])} templates, {report['timings']['total']:.1f} s")
-    audit = effect.get("audit")
-    if audit:
-        found = sum(f["bypasses"] for f in audit["families"].values())
-        tried = sum(f["tried"] for f in audit["families"].values())
-        verdict = "clean" if audit["clean"] else f"{found} bypass(es), {len(audit['regressed'])} regressed prompt(s) left"
-        info.add_row("hardened", f"{', '.join(recipe.get('harden', []))}: {tried} variants, {verdict} after {audit['rounds']} round(s)")
+    hardened = hardening_summary(recipe, effect)
+    if hardened:
+        info.add_row("hardened", hardened)
     info.add_row("patch", f"{output} ({size:,} bytes)")
     show(table, info)
     if retained < RETAIN_WARNING:

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from forgetpack.cli.render import echo, key_value_table, print_json, show, warn
+from forgetpack.cli.render import echo, hardening_summary, key_value_table, print_json, show, warn
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.fileio import check_output_file
 
@@ -79,8 +79,12 @@ def inspect(patch: Path, as_json: bool) -> None:
         rows.append(("preserve", ", ".join(preserve[:12]) + (f" … ({len(preserve)} in all)" if len(preserve) > 12 else "")))
     if p.components:
         rows.append(("stacked from", ", ".join(str(c.get("digest", "?"))[:23] + "…" for c in p.components)))
+    hardened = hardening_summary(recipe, p.effect)
+    if hardened:
+        rows.append(("hardened", hardened))
     for key, value in p.effect.items():
-        rows.append((f"effect {key}", _short(value)))
+        if key != "audit" or not hardened:
+            rows.append((f"effect {key}", _short(value)))
     show(key_value_table(f"forgetpack patch {patch.name}", rows))
 
 
