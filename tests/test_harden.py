@@ -78,3 +78,34 @@ def test_harder_turns_findings_into_rows() -> None:
     assert twice.emphasis["a photo of a one."] == harden.REPAIR_STEP**2
     assert not found.clean and harden.Check((), (), (), {}).clean
     assert replace(bypass, recognised=False).bypass is False  # not recognised by the base: no bypass
+
+
+def test_a_variant_that_keeps_its_direction_still_reaches_its_class() -> None:
+    """Losing to another class for the stand-in is not enough: "sieben" moved to 0.33 cosine of its
+    original still reaches "seven" (images are far less crowded than texts); moved past
+    ``REACH_SIMILARITY`` it does not."""
+    from forgetpack.engine.bypass import REACH_SIMILARITY, outcomes
+    from forgetpack.engine.measure import TextSpace
+
+    features = {"seven": np.array([1.0, 0, 0]), "sieben": np.array([0.95, 0.31, 0]), "six": np.array([0.6, 0, 0.8])}
+    space = TextSpace(features, np.eye(3), None)
+    variant = Variant("lexicon", "seven", "sieben", "{}")
+    up = np.array([[0.0], [1.0], [0.0]])  # moves only what has the second feature: "sieben"
+
+    def reached(down: list[float]) -> bool:
+        (outcome,) = outcomes(space, (up, np.array([down])), [variant], ["six"])
+        assert outcome.recognised  # the base picks "sieben" for the sevens over "six"
+        return outcome.reached
+
+    assert 0.2 == REACH_SIMILARITY
+    assert reached([-3.0, 2.0, 0.0])  # loses to "six", yet keeps 0.33 of its original
+    assert not reached([-10.0, 0.5, 0.0])  # turned away from its original: gone
+
+
+def test_hardening_preserves_the_classes_a_model_declares() -> None:
+    from forgetpack.engine.preserve import Neighbourhood
+
+    hood = Neighbourhood(["six", "eight"], aliases={"seven": [("7", 0.9)]})
+    held = harden.with_declared_classes(hood, ["seven", "7", "one", "six", "P"], ["seven"])
+    assert held.preserve == ["six", "eight", "one", "P"]  # not the forget name, not its aliases, no repeats
+    assert hood.preserve == ["six", "eight"]  # the neighbourhood it came from is unchanged

@@ -6,6 +6,13 @@ when, classified over the retained classes and the variant itself (all phrased i
 template), the stand-in picks the variant: a user labelling images with that variant would get
 the forgotten class back. A variant the base model itself does not recognise that way ("sieben"
 for a model that never learned German) is no bypass, so each outcome says both.
+
+Winning is not the only way to reach the class: a changed prompt that keeps much of its original
+direction still finds its images. Text embeddings crowd together far more than images and texts
+do (on mini a "one" prompt is at 0.77 cosine to "two" but the images of ones at 0.35), so a
+rank-2 patch that left "a photo of many one." at 0.50 cosine to its original passed the stand-in
+test while 90% of the ones still picked it. A variant therefore also counts as reaching its class
+while its changed embedding keeps more than ``REACH_SIMILARITY`` of its original.
 """
 
 from __future__ import annotations
@@ -18,6 +25,10 @@ import numpy as np
 from forgetpack.engine.measure import Change, TextSpace
 from forgetpack.engine.preserve import unit_rows
 from forgetpack.engine.variants import Variant
+
+# cosine to its original above which a changed variant still reaches its class (see the module's docstring):
+# with it, hardening left every forgotten name at most 1% of its images on mini (58 of 58 requests, from 53)
+REACH_SIMILARITY = 0.2
 
 
 @dataclass(frozen=True)
@@ -65,7 +76,8 @@ def outcomes(space: TextSpace, change: Change | None, variants: Sequence[Variant
             reached = recognised
         else:
             new_others = unit_rows(space.embed_changed(others, change)) if others else base_others
-            reached = _wins(stand_in, unit_rows(space.embed_changed([v.prompt for v in group], change)), new_others)
+            new_own = unit_rows(space.embed_changed([v.prompt for v in group], change))
+            reached = _wins(stand_in, new_own, new_others) | still_close(base_own, new_own)
         out += [Outcome(v, bool(r), bool(h)) for v, r, h in zip(group, recognised, reached, strict=True)]
     return out
 
@@ -75,6 +87,11 @@ def _wins(stand_in: np.ndarray, own: np.ndarray, others: np.ndarray) -> np.ndarr
     own_score = np.sum(stand_in * own, axis=1)
     best_other = (stand_in @ others.T).max(axis=1) if len(others) else np.full(len(own_score), -np.inf)
     return own_score > best_other
+
+
+def still_close(original: np.ndarray, changed: np.ndarray) -> np.ndarray:
+    """Row by row: does the changed embedding keep more than ``REACH_SIMILARITY`` of its original?"""
+    return np.sum(original * changed, axis=1) > REACH_SIMILARITY
 
 
 def summarise(results: Sequence[Outcome]) -> dict[str, dict[str, int | float]]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from forgetpack.engine.bypass import Outcome, outcomes, prompts_needed, summarise
 from forgetpack.engine.measure import Change, SolveContext, feature_change
-from forgetpack.engine.preserve import unit_rows
+from forgetpack.engine.preserve import Neighbourhood, unit_rows
 from forgetpack.engine.variants import FamilyContext, Variant, generate
 
 MAX_ROUNDS = 4
@@ -60,6 +60,19 @@ def grid_for(ctx: SolveContext, families: Sequence[str], context: FamilyContext 
     variants = generate(ctx.forget, families, context or FamilyContext(candidates=ctx.candidates))
     templates = tuple(dict.fromkeys(v.template for v in variants if v.family == "templates")) or ctx.templates
     return Grid(tuple(variants), templates)
+
+
+def with_declared_classes(hood: Neighbourhood, declared: Sequence[str], forget: Sequence[str]) -> Neighbourhood:
+    """The preserve set of a hardened request also holds every class the model declares
+    (``LoadedModel.vocabulary``, less the forget names and their aliases).
+
+    Hardening solves for hundreds of variant rows, so its patches reach further than a plain one,
+    into classes that are not near the forget names: on mini, hardening "one" cost the letter P 9
+    points of its images until mini's own 20 classes were preserved (then 0). A model that
+    declares its classes is used to tell exactly those apart."""
+    gone = {*forget, *hood.alias_names()}
+    preserve = list(dict.fromkeys([*hood.preserve, *(n for n in declared if n not in gone)]))
+    return replace(hood, preserve=preserve)
 
 
 def retained_of(ctx: SolveContext) -> list[str]:

@@ -112,6 +112,8 @@ def forget(loaded: Any, request: ForgetRequest | Sequence[str], *, progress: Pro
     timings = {"encode_vocabulary": _encode(loaded, space, [*request.forget, *pool, ""], progress),
                "encode_templates": 0.0, "solve": 0.0}
     hood = _neighbourhood(space, request, pool)
+    if request.harden:
+        hood = harden.with_declared_classes(hood, loaded.vocabulary, request.forget)
     ctx = SolveContext(space, proj, request.forget, tuple(hood.preserve), candidates_of(request.forget, hood.preserve, hood),
                        hood, request.templates, pool, probe_templates(request.templates))
     # 2.-4. encode every template of every candidate, solve, verify (and the adaptive round)
