@@ -80,26 +80,23 @@ def test_harder_turns_findings_into_rows() -> None:
     assert replace(bypass, recognised=False).bypass is False  # not recognised by the base: no bypass
 
 
-def test_a_variant_that_keeps_its_direction_still_reaches_its_class() -> None:
-    """Losing to another class for the stand-in is not enough: "sieben" moved to 0.33 cosine of its
-    original still reaches "seven" (images are far less crowded than texts); moved past
-    ``REACH_SIMILARITY`` it does not."""
-    from forgetpack.engine.bypass import REACH_SIMILARITY, outcomes
-    from forgetpack.engine.measure import TextSpace
+def test_a_forget_prompt_that_keeps_its_direction_counts_as_close() -> None:
+    """Losing to another class in text space is not enough: "seven" moved to 0.33 cosine of its
+    original is still close (images are far less crowded than texts) and the rank search counts
+    it; moved past ``REACH_SIMILARITY`` it is not."""
+    from forgetpack.engine.bypass import REACH_SIMILARITY
+    from forgetpack.engine.measure import SolveContext, TextSpace
+    from forgetpack.engine.preserve import Neighbourhood
+    from forgetpack.engine.projections import Projection
 
-    features = {"seven": np.array([1.0, 0, 0]), "sieben": np.array([0.95, 0.31, 0]), "six": np.array([0.6, 0, 0.8])}
-    space = TextSpace(features, np.eye(3), None)
-    variant = Variant("lexicon", "seven", "sieben", "{}")
-    up = np.array([[0.0], [1.0], [0.0]])  # moves only what has the second feature: "sieben"
-
-    def reached(down: list[float]) -> bool:
-        (outcome,) = outcomes(space, (up, np.array([down])), [variant], ["six"])
-        assert outcome.recognised  # the base picks "sieben" for the sevens over "six"
-        return outcome.reached
-
-    assert 0.2 == REACH_SIMILARITY
-    assert reached([-3.0, 2.0, 0.0])  # loses to "six", yet keeps 0.33 of its original
-    assert not reached([-10.0, 0.5, 0.0])  # turned away from its original: gone
+    features = {"seven": np.array([0.95, 0.31, 0]), "six": np.array([0.6, 0, 0.8])}
+    ctx = SolveContext(TextSpace(features, np.eye(3), None), Projection("w", "in_out", "test"), ("seven",), ("six",),
+                       ("seven", "six"), Neighbourhood(["six"]), ("{}",), ())
+    up = np.array([[0.0], [1.0], [0.0]])  # moves only what has the second feature: "seven"
+    assert REACH_SIMILARITY == 0.2
+    assert harden.close_forget_prompts(ctx, ["{}"], (up, np.array([[-3.0, 2.0, 0.0]]))) == 1  # 0.33 of its original
+    assert harden.close_forget_prompts(ctx, ["{}"], (up, np.array([[-10.0, 0.5, 0.0]]))) == 0  # turned away: gone
+    assert harden.close_forget_prompts(ctx, ["{}"], (up, np.zeros((1, 3)))) == 1  # unchanged
 
 
 def test_hardening_preserves_the_classes_a_model_declares() -> None:

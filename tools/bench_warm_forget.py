@@ -36,7 +36,7 @@ def _wall(argv: list[str], env: dict[str, str]) -> float:
     return elapsed
 
 
-def _write_checkpoint(arch: str, path: Path) -> None:
+def write_checkpoint(arch: str, path: Path) -> None:
     import open_clip
     import torch
     from safetensors.torch import save_file
@@ -58,7 +58,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         checkpoint = folder / f"{args.arch}.safetensors"
-        _write_checkpoint(args.arch, checkpoint)
+        write_checkpoint(args.arch, checkpoint)
         env = {**os.environ, "FORGETPACK_CACHE": str(folder / "cache")}
         spec = f"{args.arch}:{checkpoint}"
         script = Path(sys.executable).parent / "forgetpack"  # the console script itself, not a shim

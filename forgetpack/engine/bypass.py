@@ -7,12 +7,11 @@ template), the stand-in picks the variant: a user labelling images with that var
 the forgotten class back. A variant the base model itself does not recognise that way ("sieben"
 for a model that never learned German) is no bypass, so each outcome says both.
 
-Winning is not the only way to reach the class: a changed prompt that keeps much of its original
-direction still finds its images. Text embeddings crowd together far more than images and texts
-do (on mini a "one" prompt is at 0.77 cosine to "two" but the images of ones at 0.35), so a
-rank-2 patch that left "a photo of many one." at 0.50 cosine to its original passed the stand-in
-test while 90% of the ones still picked it. A variant therefore also counts as reaching its class
-while its changed embedding keeps more than ``REACH_SIMILARITY`` of its original.
+Winning is not the only test a forget name must pass: text embeddings crowd together far more
+than images and texts do (on mini a "one" prompt is at 0.77 cosine to "two" while the images of
+ones are at 0.35 to it), so a prompt that keeps much of its original direction still finds its
+images after it has lost to another class in text space. ``still_close`` is that second test;
+hardening's rank search applies it to the forget names (``forgetpack.engine.harden.no_worse``).
 """
 
 from __future__ import annotations
@@ -26,8 +25,7 @@ from forgetpack.engine.measure import Change, TextSpace
 from forgetpack.engine.preserve import unit_rows
 from forgetpack.engine.variants import Variant
 
-# cosine to its original above which a changed variant still reaches its class (see the module's docstring):
-# with it, hardening left every forgotten name at most 1% of its images on mini (58 of 58 requests, from 53)
+# cosine to its original above which a changed prompt still reaches its class (see the module's docstring)
 REACH_SIMILARITY = 0.2
 
 
@@ -76,8 +74,7 @@ def outcomes(space: TextSpace, change: Change | None, variants: Sequence[Variant
             reached = recognised
         else:
             new_others = unit_rows(space.embed_changed(others, change)) if others else base_others
-            new_own = unit_rows(space.embed_changed([v.prompt for v in group], change))
-            reached = _wins(stand_in, new_own, new_others) | still_close(base_own, new_own)
+            reached = _wins(stand_in, unit_rows(space.embed_changed([v.prompt for v in group], change)), new_others)
         out += [Outcome(v, bool(r), bool(h)) for v, r, h in zip(group, recognised, reached, strict=True)]
     return out
 
@@ -90,7 +87,9 @@ def _wins(stand_in: np.ndarray, own: np.ndarray, others: np.ndarray) -> np.ndarr
 
 
 def still_close(original: np.ndarray, changed: np.ndarray) -> np.ndarray:
-    """Row by row: does the changed embedding keep more than ``REACH_SIMILARITY`` of its original?"""
+    """Row by row: does the changed embedding keep more than ``REACH_SIMILARITY`` of its original?
+    A rank-2 hardened patch left "a photo of many one." at 0.50 cosine to its original on mini:
+    it lost to "two" for the stand-in, and 90% of the ones still picked it."""
     return np.sum(original * changed, axis=1) > REACH_SIMILARITY
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from forgetpack.engine.bypass import Outcome, outcomes, prompts_needed, summarise
+from forgetpack.engine.bypass import Outcome, outcomes, prompts_needed, still_close, summarise
 from forgetpack.engine.measure import Change, SolveContext, feature_change
 from forgetpack.engine.preserve import Neighbourhood, unit_rows
 from forgetpack.engine.variants import FamilyContext, Variant, generate
@@ -121,14 +121,25 @@ def with_audit(solved: Any, result: Check, rounds: int) -> Any:
 
 
 def no_worse(ctx: SolveContext, grid: Grid, solved: Any) -> Callable[[Change], bool]:
-    """A test that a smaller solve finds no more in the grid than ``solved`` (for the rank search)."""
+    """A test that a smaller solve finds no more in the grid than ``solved`` and leaves no more of
+    the forget prompts close to their originals (``bypass.still_close``), for the rank search:
+    on mini, truncating hardened two-name patches to two factors passed the grid yet left "one"
+    at up to 32% of its images; with the closeness count every forget name was at most 1%."""
     found = len(solved.effect.audit.get("bypasses", [])) + len(solved.effect.audit.get("regressed", []))
+    close = close_forget_prompts(ctx, grid.templates, feature_change(solved.layer, ctx.projection))
 
     def accept(change: Change) -> bool:
         result = check(ctx, grid, change)
-        return len(result.bypasses) + len(result.regressed) <= found
+        return len(result.bypasses) + len(result.regressed) <= found and close_forget_prompts(ctx, grid.templates, change) <= close
 
     return accept
+
+
+def close_forget_prompts(ctx: SolveContext, templates: Sequence[str], change: Change) -> int:
+    """How many forget names, each under each of ``templates``, keep their original direction after ``change``."""
+    prompts = [t.format(f) for t in templates for f in ctx.forget]
+    before = unit_rows(ctx.space.embed(prompts))
+    return int(still_close(before, unit_rows(ctx.space.embed_changed(prompts, change))).sum())
 
 
 def harder(ctx: SolveContext, result: Check) -> SolveContext:
