@@ -94,7 +94,8 @@ def test_build_stores_each_image_once_and_lists_the_unreadable(built, folder, mo
     assert len({r["content_hash"] for r in rows}) == 60
     for row in rows[:12]:  # each stored embedding is what the runtime gives for that file
         assert row["content_hash"] == content_hash(Path(row["path"]).read_bytes())
-        np.testing.assert_array_equal(np.asarray(row["embedding"], np.float32), model.encode_image(row["path"])[0])
+        # stored from a batch of 32, encoded here alone: GEMM kernels may round the last bit differently by batch size
+        np.testing.assert_allclose(np.asarray(row["embedding"], np.float32), model.encode_image(row["path"])[0], rtol=0, atol=1e-6)
     assert store.failures() == report.failures
     with pytest.raises(ForgetpackError, match="already there .*--resume"):
         build_index(folder, index, FakeFactory())
