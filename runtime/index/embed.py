@@ -33,12 +33,20 @@ class ModelSpec:
     towers: tuple[str, ...] | None = ("image",)  # an export's towers to load: indexing never encodes text
 
     def __call__(self) -> Any:
-        import runtime
+        return load_towers(self.source, self.towers, self.threads)
 
-        options: dict[str, Any] = {"threads": self.threads} if self.threads is not None else {}
-        if self.towers is not None and Path(self.source).is_dir():  # an export; a spec loads the torch reference whole
-            options["towers"] = self.towers
-        return runtime.load(self.source, **options)
+
+def load_towers(source: str, towers: Sequence[str] | None, threads: int | None = None, **options: Any) -> Any:
+    """``runtime.load`` with only ``towers`` of an export (None: all); a model spec loads the torch
+    reference whole. The index's one rule for what its jobs load: indexing the image tower,
+    rescoring and search the text tower."""
+    import runtime
+
+    if threads is not None:
+        options["threads"] = threads
+    if towers is not None and Path(source).is_dir():
+        options["towers"] = tuple(towers)
+    return runtime.load(source, **options)
 
 
 ModelFactory = Callable[[], Any]

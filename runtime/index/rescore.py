@@ -21,6 +21,7 @@ import numpy as np
 from forgetpack.format.fileio import atomic_output, check_output_file
 from forgetpack.format.names import check_labels, check_templates
 from forgetpack.format.patch import Patch, read_patch
+from runtime.index.embed import load_towers
 from runtime.index.store import IndexStore, check_patches_fit, check_same_tower, embeddings_of
 
 CHUNK_ROWS = 8192  # 8,192 x 512 float32 = 16 MiB per chunk for ViT-B-32; LanceDB's scan buffers grow with it
@@ -35,14 +36,8 @@ def open_session(store: IndexStore, model: Any = None, patches: Sequence[PatchIn
 
     An export directory is loaded with its text tower only: stored embeddings need no image tower,
     and ViT-B-32's image session is most of the model's memory."""
-    import runtime
-
     if model is None or isinstance(model, (str, os.PathLike)):
-        source = model or store.meta["model"]
-        options: dict[str, Any] = {"threads": threads} if threads is not None else {}
-        if os.path.isdir(source):  # an export (onnx backend); a spec loads the torch reference whole
-            options["towers"] = ("text",)
-        model = runtime.load(source, trusted_keys=trusted_keys, **options)
+        model = load_towers(str(model or store.meta["model"]), ("text",), threads, trusted_keys=trusted_keys)
     check_same_tower(store.meta, model, store.uri)
     loaded = [p if isinstance(p, Patch) else read_patch(p) for p in patches]
     check_patches_fit(store.meta, loaded, store.uri)
