@@ -36,7 +36,7 @@ def test_a_hardened_patch_is_clean_and_says_so(mini, tmp_path, capsys) -> None:
     audit = hardened.report["effect"]["audit"]
     assert audit["clean"] and audit["bypasses"] == [] and audit["regressed"] == []
     assert set(audit["families"]) == set(DEFAULT_HARDEN_FAMILIES)
-    assert audit["families"]["templates"]["tried"] == 2 * 83  # 80 ImageNet templates and the engine's, per name
+    assert audit["families"]["templates"]["tried"] == 2 * 85  # 80 ImageNet templates, the engine's 3 and mini's 2, per name
     assert "audit" not in plain.report["effect"] and "harden" not in plain.patch.recipe  # off: metadata unchanged
     assert len(hardened.report["attempts"]) > len(plain.report["attempts"])  # the grid found something to repair
     path = hardened.patch.save(tmp_path / "h.fpatch")
@@ -61,6 +61,18 @@ def test_harden_on_the_command_line(tmp_path, capsys) -> None:
         ForgetRequest(["seven"], harden=("telepathy",))
 
 
+def test_the_models_own_templates_join_the_template_family() -> None:
+    """A model that declares its prompt templates (mini: "a photo of the number {}.") is hardened under them too."""
+    from types import SimpleNamespace
+
+    from forgetpack.engine.variants import FamilyContext, TemplateFamily
+
+    model = SimpleNamespace(templates=("a photo of the number {}.", "a photo of a {}."))
+    kinds = {v.template: v.kind for v in TemplateFamily().variants("seven", FamilyContext(loaded=model))}
+    assert kinds["a photo of the number {}."] == "model" and kinds["a photo of a {}."] == "imagenet"
+    assert "a photo of the number {}." not in {v.template for v in TemplateFamily().variants("seven", FamilyContext())}
+
+
 def test_harder_turns_findings_into_rows() -> None:
     """Bypass prompts become forget rows (once), regressed prompts preserve rows held harder each round."""
     from forgetpack.engine.measure import SolveContext, TextSpace
@@ -76,8 +88,31 @@ def test_harder_turns_findings_into_rows() -> None:
     assert twice.extra_forget == (("a photo of a sieben.", "seven"),)
     assert once.emphasis["a photo of a one."] == harden.REPAIR_STEP
     assert twice.emphasis["a photo of a one."] == harden.REPAIR_STEP**2
+    assert "a photo of a sieben." not in once.forget_emphasis  # a new forget row first
+    assert twice.forget_emphasis["a photo of a sieben."] == harden.REPAIR_STEP  # then held harder while it stays open
     assert not found.clean and harden.Check((), (), (), {}).clean
-    assert replace(bypass, recognised=False).bypass is False  # not recognised by the base: no bypass
+    opened = replace(bypass, recognised=False)  # the base did not pick it, the change does: opened by the change
+    assert opened.bypass and opened.opened and not bypass.opened
+    assert not replace(bypass, reached=False).bypass
+
+
+def test_emphasised_forget_rows_weigh_more_in_the_problem() -> None:
+    """A forget prompt with a ``forget_emphasis`` factor k counts k times: its row and its target scaled by √k."""
+    from forgetpack.engine.measure import SolveContext, TextSpace
+    from forgetpack.engine.preserve import Neighbourhood
+    from forgetpack.engine.projections import Projection
+    from forgetpack.engine.request import ForgetRequest
+    from forgetpack.engine.solve import build_problem
+    from forgetpack.engine.solvers import get_solver
+
+    features = {"seven": np.array([1.0, 0.0]), "sieben": np.array([0.6, 0.8]), "one": np.array([0.0, 1.0])}
+    ctx = SolveContext(TextSpace(features, np.eye(2), None), Projection("w", "in_out", "test"), ("seven",), ("one",),
+                       ("seven", "one"), Neighbourhood(["one"]), ("{}",), (), extra_forget=(("sieben", "seven"),))
+    solver = get_solver("closed-form")
+    plain = build_problem(ctx, solver, ForgetRequest(["seven"]), solver.default_weights(1))
+    held = build_problem(replace(ctx, forget_emphasis={"sieben": 9.0}), solver, ForgetRequest(["seven"]), solver.default_weights(1))
+    assert np.allclose(held.X_f, plain.X_f * [[1.0], [3.0]]) and np.allclose(held.T, plain.T * [[1.0], [3.0]])
+    assert np.allclose(plain.T[1], -features["sieben"])  # a bypass row goes to its own antipode
 
 
 def test_a_forget_prompt_that_keeps_its_direction_counts_as_close() -> None:

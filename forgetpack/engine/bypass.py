@@ -4,8 +4,11 @@ As in verification (``forgetpack.engine.measure``), the images of a forget name 
 for by its *original* embedding under the variant's template. The variant reaches the class
 when, classified over the retained classes and the variant itself (all phrased in that
 template), the stand-in picks the variant: a user labelling images with that variant would get
-the forgotten class back. A variant the base model itself does not recognise that way ("sieben"
-for a model that never learned German) is no bypass, so each outcome says both.
+the forgotten class back. Each outcome says whether the base model recognised the variant and
+whether the changed model still does; either way, a variant that reaches the class after the
+change is a bypass. One the base did not recognise ("cinque" for "five" on mini: fifth for the
+stand-in) can be *opened* by the change: a "five + seven" patch moved it to first place, and 94%
+of the fives then picked it.
 
 Winning is not the only test a forget name must pass: text embeddings crowd together far more
 than images and texts do (on mini a "one" prompt is at 0.77 cosine to "two" while the images of
@@ -35,11 +38,17 @@ class Outcome:
 
     variant: Variant
     recognised: bool  # the base model picks the variant for the name's stand-in
-    reached: bool  # the changed model still does: a bypass, if recognised
+    reached: bool  # the changed model does
 
     @property
     def bypass(self) -> bool:
-        return self.recognised and self.reached
+        """The class can be asked for this way after the change (left open, or opened by it)."""
+        return self.reached
+
+    @property
+    def opened(self) -> bool:
+        """A bypass the change made: the base model did not pick the variant."""
+        return self.reached and not self.recognised
 
     def to_json(self) -> dict[str, object]:
         return {**self.variant.to_json(), "recognised": self.recognised, "reached": self.reached}
@@ -94,13 +103,16 @@ def still_close(original: np.ndarray, changed: np.ndarray) -> np.ndarray:
 
 
 def summarise(results: Sequence[Outcome]) -> dict[str, dict[str, int | float]]:
-    """Per family: variants tried, recognised by the base model, and bypasses (recognised and still reached)."""
+    """Per family: variants tried, recognised by the base model, bypasses (reaching the class
+    after the change), how many of those the change opened, and the share of tried variants
+    that are bypasses."""
     out: dict[str, dict[str, int | float]] = {}
     for r in results:
-        row = out.setdefault(r.variant.family, {"tried": 0, "recognised": 0, "bypasses": 0})
+        row = out.setdefault(r.variant.family, {"tried": 0, "recognised": 0, "bypasses": 0, "opened": 0})
         row["tried"] += 1
         row["recognised"] += int(r.recognised)
         row["bypasses"] += int(r.bypass)
+        row["opened"] += int(r.opened)
     for row in out.values():
-        row["bypass_share"] = round(row["bypasses"] / row["recognised"], 4) if row["recognised"] else 0.0
+        row["bypass_share"] = round(row["bypasses"] / row["tried"], 4)
     return out

@@ -5,9 +5,10 @@ of a seven." through, and it may disturb a retained class under a phrasing nobod
 after a verified solve the engine looks at the change through the audit's text-side families
 (``forgetpack.engine.variants``): every variant becomes a forget row (each is, by construction,
 a way to name the class; deciding from text which ones the model "recognises" missed most of
-those that work on images: "cinque" still found 100% of mini's fives), and every retained class
-that no longer keeps its own stand-in under the grid's templates is held harder; then it solves
-again, until nothing is left or ``MAX_ROUNDS``. What the final patch was audited against, and
+those that work on images), a variant that still reaches the class after a solve is held harder
+(also one the base model did not recognise, which the solve itself opened: ``bypass``), and
+every retained class that no longer keeps its own stand-in under the grid's templates is held
+harder; then it solves again, until nothing is left or ``MAX_ROUNDS``. What the final patch was audited against, and
 the result, go into its metadata.
 """
 
@@ -46,7 +47,7 @@ class Grid:
 class Check:
     """One look at a change through the grid."""
 
-    bypasses: tuple[Outcome, ...]  # recognised by the base model and still reaching the forget name
+    bypasses: tuple[Outcome, ...]  # reaching the forget name after the change (``bypass.Outcome.bypass``)
     pending: tuple[Outcome, ...]  # variants not yet among the forget rows (all of them, the first time)
     regressed: tuple[str, ...]  # prompts of retained classes that lost their own stand-in
     summary: dict[str, dict[str, int | float]]
@@ -56,8 +57,9 @@ class Check:
         return not self.bypasses and not self.pending and not self.regressed
 
 
-def grid_for(ctx: SolveContext, families: Sequence[str], context: FamilyContext | None = None) -> Grid:
-    variants = generate(ctx.forget, families, context or FamilyContext(candidates=ctx.candidates))
+def grid_for(ctx: SolveContext, families: Sequence[str], loaded: Any = None) -> Grid:
+    """The grid of a request: its variants from ``families`` (those that need the model get ``loaded``)."""
+    variants = generate(ctx.forget, families, FamilyContext(loaded=loaded, candidates=ctx.candidates))
     templates = tuple(dict.fromkeys(v.template for v in variants if v.family == "templates")) or ctx.templates
     return Grid(tuple(variants), templates)
 
@@ -145,8 +147,14 @@ def close_forget_prompts(ctx: SolveContext, templates: Sequence[str], change: Ch
 
 
 def harder(ctx: SolveContext, result: Check) -> SolveContext:
-    """The context for the next solve: bypass prompts join the forget rows, regressed prompts the preserve rows."""
+    """The context for the next solve: bypass prompts join the forget rows, regressed prompts the
+    preserve rows; a bypass that is a forget row already, and a regressed prompt, weigh
+    ``REPAIR_STEP`` times more each round (one forget row among hundreds of variants is easily
+    outweighed: on mini "cinque" stayed a way back to the fives until it was held harder)."""
     found = (*result.bypasses, *result.pending)
+    done = {p for p, _ in ctx.extra_forget}
     forget_rows = dict.fromkeys([*ctx.extra_forget, *((o.variant.prompt, o.variant.name) for o in found)])
     emphasis = {**ctx.emphasis, **{p: ctx.emphasis.get(p, 1.0) * REPAIR_STEP for p in result.regressed}}
-    return replace(ctx, extra_forget=tuple(forget_rows), emphasis=emphasis)
+    stronger = {o.variant.prompt for o in result.bypasses if o.variant.prompt in done}
+    forget_emphasis = {**ctx.forget_emphasis, **{p: ctx.forget_emphasis.get(p, 1.0) * REPAIR_STEP for p in stronger}}
+    return replace(ctx, extra_forget=tuple(forget_rows), emphasis=emphasis, forget_emphasis=forget_emphasis)

@@ -89,6 +89,7 @@ class SolveContext:
     probes: tuple[str, ...] = ()  # held-out templates retained candidates are also checked under
     emphasis: Mapping[str, float] = field(default_factory=dict)  # preserve prompt -> weight factor (repairs)
     extra_forget: tuple[tuple[str, str], ...] = ()  # hardening: (bypass prompt, the forget name it reaches)
+    forget_emphasis: Mapping[str, float] = field(default_factory=dict)  # hardening: forget prompt -> weight factor
 
     def prompts(self, names: Sequence[str]) -> list[str]:
         """Every template of every name, template-major (the order of the solver's rows)."""

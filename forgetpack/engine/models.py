@@ -47,6 +47,10 @@ class LoadedModel:
     # Class names the model was built for. They join the built-in vocabulary as candidates for
     # automatic preserve sets: ImageNet's names know nothing of, say, mini's digits and letters.
     vocabulary: tuple[str, ...] = ()
+    # Prompt templates the model is meant to be used with. Hardening's grid adds them to open_clip's
+    # 80 and the engine's own: on mini, a "one + seven" patch checked under those alone cost the
+    # nines 6 points under mini's own "a photo of the number {}.".
+    templates: tuple[str, ...] = ()
 
 
 def load_model(spec: str, device: str = "cpu") -> LoadedModel:
@@ -89,7 +93,7 @@ def _load_mini(device: str) -> LoadedModel:
     except ModuleNotFoundError as exc:
         raise ForgetpackError("the embedded 'mini' model is not part of this install") from exc
     model, preprocess, tokenizer = mini.load_mini(device=device)
-    return LoadedModel(model.eval(), preprocess, tokenizer, "mini", mini.MINI_ARCH, mini.CLASS_NAMES)
+    return LoadedModel(model.eval(), preprocess, tokenizer, "mini", mini.MINI_ARCH, mini.CLASS_NAMES, mini.TEMPLATES)
 
 
 def _load_random(arch: str, device: str) -> LoadedModel:

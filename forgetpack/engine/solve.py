@@ -123,7 +123,7 @@ def forget(loaded: Any, request: ForgetRequest | Sequence[str], *, progress: Pro
     # 5. the fewest factors that do as well as all of them (a smaller patch)
     if request.verify and request.rank is None and solver.nested_ranks:
         t0 = time.perf_counter()
-        grid, rounds = (harden.grid_for(ctx, request.harden), solved.effect.audit.get("rounds", 0)) if request.harden else (None, 0)
+        grid, rounds = (harden.grid_for(ctx, request.harden, loaded), solved.effect.audit.get("rounds", 0)) if request.harden else (None, 0)
         solved = smallest_rank(ctx, solved, harden.no_worse(ctx, grid, solved) if grid else None)
         if grid:
             solved = harden.with_audit(solved, harden.check(ctx, grid, feature_change(solved.layer, ctx.projection)), rounds)
@@ -180,7 +180,7 @@ def _solve_rounds(loaded: Any, ctx: SolveContext, solver: Solver, request: Forge
         preserve = [*ctx.preserve, *moved]
         ctx = replace(ctx, preserve=tuple(preserve), candidates=candidates_of(ctx.forget, preserve, ctx.neighbourhood))
     if request.harden:  # solve again while the bypass grid finds something (forgetpack.engine.harden)
-        grid = harden.grid_for(ctx, request.harden)
+        grid = harden.grid_for(ctx, request.harden, loaded)
         timings["encode_templates"] += _encode(loaded, ctx.space, grid.prompts(ctx), progress)
         t0 = time.perf_counter()
         ctx, solved = harden.run(ctx, grid, solved, lambda c: solve_verified(c, solver, request, solved.weights, attempts))
@@ -214,21 +214,26 @@ def build_problem(ctx: SolveContext, solver: Solver, request: ForgetRequest, wei
 
     A preserve prompt with an ``emphasis`` factor ``k`` (a repaired class) counts ``k`` times:
     its row is scaled by ``√k``, exact for a squared objective. Emphasised prompts under probe
-    templates join the preserve rows."""
+    templates join the preserve rows. Forget rows with a ``forget_emphasis`` factor (hardening's
+    bypasses that a round left open) are scaled the same way, row and target alike."""
     M, bias = ctx.space.M, ctx.space.bias
     preserve_prompts = list(dict.fromkeys([*ctx.prompts(ctx.preserve), *ctx.emphasis]))
     forget_prompts = [*ctx.prompts(ctx.forget), *(p for p, _ in ctx.extra_forget)]
     T = forget_targets(ctx, request.target, request.target_norm, request.seed)
     if ctx.extra_forget:  # hardening's bypass prompts go to their own antipode, whatever the target
         T = np.concatenate([T, -ctx.space.embed([p for p, _ in ctx.extra_forget])])
+    T = T - bias if bias is not None else T
+    X_f = ctx.space.features_of(forget_prompts)
+    if ctx.forget_emphasis:
+        scale = np.sqrt([ctx.forget_emphasis.get(p, 1.0) for p in forget_prompts])[:, None]
+        X_f, T = X_f * scale, T * scale
     X_p = ctx.space.features_of(preserve_prompts) if preserve_prompts else np.zeros((0, M.shape[0]))
     if ctx.emphasis:
         X_p *= np.sqrt([ctx.emphasis.get(p, 1.0) for p in preserve_prompts])[:, None]
     n_preserve = len(X_p)
     if request.background > 0 and solver.uses_background:
         X_p = np.concatenate([X_p, background_rows(ctx, n_preserve, request.background)])
-    return Problem(M=M, X_f=ctx.space.features_of(forget_prompts), T=T - bias if bias is not None else T,
-                   X_p=X_p, Y_p=X_p @ M, weights=weights, rank=request.rank, seed=request.seed,
+    return Problem(M=M, X_f=X_f, T=T, X_p=X_p, Y_p=X_p @ M, weights=weights, rank=request.rank, seed=request.seed,
                    n_preserve=n_preserve or None)
 
 

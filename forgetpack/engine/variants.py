@@ -81,14 +81,17 @@ class Family(Protocol):
 
 
 class TemplateFamily:
-    """The name itself in open_clip's 80 ImageNet templates and the engine's own."""
+    """The name itself in open_clip's 80 ImageNet templates, the engine's own and the model's
+    (``LoadedModel.templates``, when the context has the model)."""
 
     name = "templates"
     needs_model = False
 
     def variants(self, name: str, context: FamilyContext) -> list[Variant]:
-        templates = dict.fromkeys([*imagenet_templates(), *FORGET_TEMPLATES])
-        return [Variant(self.name, name, name, t, "imagenet" if t in imagenet_templates() else "engine") for t in templates]
+        kinds = {t: "model" for t in getattr(context.loaded, "templates", ())}
+        kinds.update({t: "engine" for t in FORGET_TEMPLATES})
+        kinds.update({t: "imagenet" for t in imagenet_templates()})
+        return [Variant(self.name, name, name, t, kinds[t]) for t in dict.fromkeys([*imagenet_templates(), *FORGET_TEMPLATES, *kinds])]
 
 
 class SurfaceFamily:

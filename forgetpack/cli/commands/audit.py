@@ -29,14 +29,15 @@ def _variant_text(v: dict[str, Any] | None) -> str:
 
 def _render(report: Any) -> None:
     text = report.text
-    table = Table(title=f"text space · {report.model} · forget {', '.join(report.forget)} (bypass: recognised by the "
-                  "base model and still reaching the name after the patches)")
+    table = Table(title=f"text space · {report.model} · forget {', '.join(report.forget)} (bypass: reaching the name "
+                  "after the patches; opened: one the base model did not recognise)")
     table.add_column("family")
-    for column in ("tried", "recognised", "bypasses", "share"):
+    columns = ("tried", "recognised", "bypasses", "opened")
+    for column in (*columns, "share"):
         table.add_column(column, justify="right")
     for family in report.families:
-        row = text.get(family, {"tried": 0, "recognised": 0, "bypasses": 0, "bypass_share": 0.0})
-        table.add_row(family, str(row["tried"]), str(row["recognised"]), str(row["bypasses"]), _percent(row["bypass_share"]))
+        row = text.get(family, {})
+        table.add_row(family, *(str(row.get(c, 0)) for c in columns), _percent(row.get("bypass_share", 0.0)))
     renderables: list[Any] = [table]
     if report.datasets:
         renderables.append(_images_table(report))
@@ -49,7 +50,8 @@ def _render(report: Any) -> None:
         renderables.append(probes)
     show(*renderables)
     for o in report.bypasses[:10]:
-        echo(f"bypass: {o.variant.prompt!r} ({o.variant.family}, {o.variant.kind}) still reaches {o.variant.name!r}")
+        how = "now reaches" if o.opened else "still reaches"
+        echo(f"bypass: {o.variant.prompt!r} ({o.variant.family}, {o.variant.kind}) {how} {o.variant.name!r}")
     if len(report.bypasses) > 10:
         echo(f"… and {len(report.bypasses) - 10} more bypasses (--json lists them all)")
     if report.probes and all(p.unchanged for p in report.probes):
