@@ -85,7 +85,7 @@ def test_harder_turns_findings_into_rows() -> None:
     found = harden.Check((bypass,), (), ("a photo of a one.",), {})
     once = harden.harder(ctx, found)
     twice = harden.harder(once, found)
-    assert twice.extra_forget == (("a photo of a sieben.", "seven"),)
+    assert twice.extra_forget == (("a photo of a sieben.", "a photo of a seven."),)  # with its stand-in
     assert once.emphasis["a photo of a one."] == harden.REPAIR_STEP
     assert twice.emphasis["a photo of a one."] == harden.REPAIR_STEP**2
     assert "a photo of a sieben." not in once.forget_emphasis  # a new forget row first
@@ -112,7 +112,7 @@ def test_emphasised_forget_rows_weigh_more_in_the_problem() -> None:
     plain = build_problem(ctx, solver, ForgetRequest(["seven"]), solver.default_weights(1))
     held = build_problem(replace(ctx, forget_emphasis={"sieben": 9.0}), solver, ForgetRequest(["seven"]), solver.default_weights(1))
     assert np.allclose(held.X_f, plain.X_f * [[1.0], [3.0]]) and np.allclose(held.T, plain.T * [[1.0], [3.0]])
-    assert np.allclose(plain.T[1], -features["sieben"])  # a bypass row goes to its own antipode
+    assert np.allclose(plain.T[1], -features["seven"])  # a bypass row goes opposite its stand-in, not itself
 
 
 def test_a_forget_prompt_that_keeps_its_direction_counts_as_close() -> None:

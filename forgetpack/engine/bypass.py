@@ -59,7 +59,7 @@ def prompts_needed(variants: Sequence[Variant], retained: Sequence[str]) -> list
     out: dict[str, None] = {}
     for v in variants:
         out.setdefault(v.prompt)
-        out.setdefault(v.template.format(v.name))
+        out.setdefault(v.stand_in)
     for template in dict.fromkeys(v.template for v in variants):
         out.update(dict.fromkeys(template.format(r) for r in retained))
     return list(out)
@@ -75,7 +75,7 @@ def outcomes(space: TextSpace, change: Change | None, variants: Sequence[Variant
         by_template.setdefault(v.template, []).append(v)
     for template, group in by_template.items():
         others = [template.format(r) for r in retained]
-        stand_in = unit_rows(space.embed([template.format(v.name) for v in group]))
+        stand_in = unit_rows(space.embed([v.stand_in for v in group]))
         base_others = unit_rows(space.embed(others)) if others else np.zeros((0, stand_in.shape[1]))
         base_own = unit_rows(space.embed([v.prompt for v in group]))
         recognised = _wins(stand_in, base_own, base_others)

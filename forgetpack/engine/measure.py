@@ -88,7 +88,7 @@ class SolveContext:
     pool: tuple[str, ...]  # the whole vocabulary (forget names excluded)
     probes: tuple[str, ...] = ()  # held-out templates retained candidates are also checked under
     emphasis: Mapping[str, float] = field(default_factory=dict)  # preserve prompt -> weight factor (repairs)
-    extra_forget: tuple[tuple[str, str], ...] = ()  # hardening: (bypass prompt, the forget name it reaches)
+    extra_forget: tuple[tuple[str, str], ...] = ()  # hardening: (bypass prompt, its stand-in: Variant.stand_in)
     forget_emphasis: Mapping[str, float] = field(default_factory=dict)  # hardening: forget prompt -> weight factor
 
     def prompts(self, names: Sequence[str]) -> list[str]:

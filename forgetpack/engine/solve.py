@@ -220,8 +220,8 @@ def build_problem(ctx: SolveContext, solver: Solver, request: ForgetRequest, wei
     preserve_prompts = list(dict.fromkeys([*ctx.prompts(ctx.preserve), *ctx.emphasis]))
     forget_prompts = [*ctx.prompts(ctx.forget), *(p for p, _ in ctx.extra_forget)]
     T = forget_targets(ctx, request.target, request.target_norm, request.seed)
-    if ctx.extra_forget:  # hardening's bypass prompts go to their own antipode, whatever the target
-        T = np.concatenate([T, -ctx.space.embed([p for p, _ in ctx.extra_forget])])
+    if ctx.extra_forget:  # hardening's bypass prompts go opposite their stand-in, whatever the target (harden.harder)
+        T = np.concatenate([T, -ctx.space.embed([s for _, s in ctx.extra_forget])])
     T = T - bias if bias is not None else T
     X_f = ctx.space.features_of(forget_prompts)
     if ctx.forget_emphasis:

@@ -55,6 +55,11 @@ class Variant:
     def prompt(self) -> str:
         return self.template.format(self.label)
 
+    @property
+    def stand_in(self) -> str:
+        """The forget name in the variant's template: text space's stand-in for the class's images."""
+        return self.template.format(self.name)
+
     def to_json(self) -> dict[str, str]:
         return {"family": self.family, "name": self.name, "label": self.label, "template": self.template, "kind": self.kind}
 
