@@ -8,8 +8,8 @@ a way to name the class; deciding from text which ones the model "recognises" mi
 those that work on images), a variant that still reaches the class after a solve is held harder
 (also one the base model did not recognise, which the solve itself opened: ``bypass``), and
 every retained class that no longer keeps its own stand-in under the grid's templates is held
-harder; then it solves again, until nothing is left or ``MAX_ROUNDS``. What the final patch was audited against, and
-the result, go into its metadata.
+harder; then it solves again, until nothing is left or ``MAX_ROUNDS``. What the final patch was
+audited against, and the result, go into its metadata.
 """
 
 from __future__ import annotations
@@ -155,8 +155,8 @@ def harder(ctx: SolveContext, result: Check) -> SolveContext:
     A bypass row's target is the antipode of its stand-in (the forget name in the variant's
     template: where the class's images are), not of the variant itself: sent to its own
     antipode, "a photo of a uno." still found 7% of mini's ones after a "one + four" patch (89%
-    before the rank search cut it to 3 factors); sent opposite "a photo of a one.", 0%. Over the 58 requests of
-    ``tools/sweep_forgetting.py``, variants within bounds went from 48 to 58."""
+    before the rank search cut it to 3 factors); sent opposite "a photo of a one.", 0%. Over
+    the 58 requests of ``tools/sweep_forgetting.py``, variants within bounds went from 48 to 58."""
     found = (*result.bypasses, *result.pending)
     done = {p for p, _ in ctx.extra_forget}
     forget_rows = dict.fromkeys([*ctx.extra_forget, *((o.variant.prompt, o.variant.stand_in) for o in found)])

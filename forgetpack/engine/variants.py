@@ -93,10 +93,12 @@ class TemplateFamily:
     needs_model = False
 
     def variants(self, name: str, context: FamilyContext) -> list[Variant]:
-        kinds = {t: "model" for t in getattr(context.loaded, "templates", ())}
-        kinds.update({t: "engine" for t in FORGET_TEMPLATES})
-        kinds.update({t: "imagenet" for t in imagenet_templates()})
-        return [Variant(self.name, name, name, t, kinds[t]) for t in dict.fromkeys([*imagenet_templates(), *FORGET_TEMPLATES, *kinds])]
+        templates = dict.fromkeys([*imagenet_templates(), *FORGET_TEMPLATES, *getattr(context.loaded, "templates", ())])
+        return [Variant(self.name, name, name, t, _template_kind(t)) for t in templates]
+
+
+def _template_kind(template: str) -> str:
+    return "imagenet" if template in imagenet_templates() else "engine" if template in FORGET_TEMPLATES else "model"
 
 
 class SurfaceFamily:
