@@ -141,3 +141,36 @@ def test_hardening_preserves_the_classes_a_model_declares() -> None:
     held = harden.with_declared_classes(hood, ["seven", "7", "one", "six", "P"], ["seven"])
     assert held.preserve == ["six", "eight", "one", "P"]  # not the forget name, not its aliases, no repeats
     assert hood.preserve == ["six", "eight"]  # the neighbourhood it came from is unchanged
+
+
+def test_a_hardened_search_solves_again_on_the_rank_ladder() -> None:
+    """Cutting factors keeps the nested optimum of rows weighed for the full rank; a hardened search
+    instead solves again at 1, 2, 4, 8... factors (``rank_ladder``) and keeps the first that does as well."""
+    from forgetpack.engine import solve
+
+    assert solve.rank_ladder(1, 323) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert solve.rank_ladder(2, 9) == [2, 4, 8] and solve.rank_ladder(3, 3) == []
+    full = solve_stub(rank=20, vocabulary=0.90)
+    tried = []
+
+    def at_rank(r):
+        tried.append(r)
+        return None if r == 1 else solve_stub(rank=r, vocabulary=0.90 if r >= 4 else 0.80)  # rank 1 cannot verify
+
+    chosen = solve.smallest_rank(full.context, full, accept=None, at_rank=at_rank)
+    assert chosen.solution.rank == 4 and tried == [1, 2, 4]
+
+
+def solve_stub(rank: int, vocabulary: float):
+    """A ``Solved`` whose effect verifies with the given vocabulary retention (nothing else differs)."""
+    from forgetpack.engine.measure import SolveContext, TextSpace
+    from forgetpack.engine.preserve import Neighbourhood
+    from forgetpack.engine.projections import Projection
+    from forgetpack.engine.request import Effect, NameEffect
+    from forgetpack.engine.solve import Solved
+    from forgetpack.engine.solvers import Solution, Weights
+
+    ctx = SolveContext(TextSpace({}, np.eye(4), None), Projection("w", "in_out", "test"), ("seven",), (), ("seven",),
+                       Neighbourhood([]), ("{}",), ())
+    effect = Effect({"seven": NameEffect(-0.5, True, {"{}": "six"})}, 1.0, 1.0, vocabulary, 0.0, 2)
+    return Solved(Solution(np.zeros((4, rank)), np.zeros((rank, 4)), {}), None, effect, Weights(1.0, 1.0, 0.1), ctx)

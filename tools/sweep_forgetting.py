@@ -21,6 +21,7 @@ encoding images.
 
     python tools/sweep_forgetting.py --only 15
     python tools/sweep_forgetting.py --json /tmp/sweep.json
+    python tools/sweep_forgetting.py --harden --request one,five --request seven
 """
 
 from __future__ import annotations
@@ -165,13 +166,16 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", type=int, help="run only the first N requests")
+    parser.add_argument("--request", action="append", metavar="NAMES",
+                        help="run this request instead (comma-separated forget names; repeatable)")
     parser.add_argument("--harden", action="store_true", help="harden each patch against the default bypass families")
     parser.add_argument("--json", type=Path, help="write every row and the summary here")
     args = parser.parse_args()
     if args.json:
         check_output_file(args.json, "JSON results")
     options = harden_option(args.harden)
-    todo = requests()[: args.only] if args.only else requests()
+    todo = [[n.strip() for n in r.split(",")] for r in args.request] if args.request else requests()
+    todo = todo[: args.only] if args.only else todo
     loaded = load_model("mini")
     header()
     rows = []

@@ -27,6 +27,7 @@ from forgetpack.engine.variants import FamilyContext, Variant, generate
 
 MAX_ROUNDS = 4
 REPAIR_STEP = 4.0  # each round multiplies a regressed prompt's preserve weight by this
+CLOSE_SLACK = 0.05  # share of the forget prompts a smaller rank may leave close to their originals beyond the full solve
 
 
 @dataclass(frozen=True)
@@ -126,9 +127,15 @@ def no_worse(ctx: SolveContext, grid: Grid, solved: Any) -> Callable[[Change], b
     """A test that a smaller solve finds no more in the grid than ``solved`` and leaves no more of
     the forget prompts close to their originals (``bypass.still_close``), for the rank search:
     on mini, truncating hardened two-name patches to two factors passed the grid yet left "one"
-    at up to 32% of its images; with the closeness count every forget name was at most 1%."""
+    at up to 32% of its images; with the closeness count every forget name was at most 1%.
+
+    A smaller rank may leave ``CLOSE_SLACK`` of the forget prompts more close than the full
+    solve: a solve at rank 1 moves a little less than one at rank 323, and without the slack a
+    hardened "tabby cat" on ViT-B-32 stayed at rank 16 (67 KB) for one or two prompts of its
+    85 templates; on mini the slack changed no image result."""
     found = len(solved.effect.audit.get("bypasses", [])) + len(solved.effect.audit.get("regressed", []))
     close = close_forget_prompts(ctx, grid.templates, feature_change(solved.layer, ctx.projection))
+    close += int(CLOSE_SLACK * len(grid.templates) * len(ctx.forget))
 
     def accept(change: Change) -> bool:
         if close_forget_prompts(ctx, grid.templates, change) > close:  # the cheap test first: a few hundred prompts

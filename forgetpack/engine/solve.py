@@ -124,7 +124,8 @@ def forget(loaded: Any, request: ForgetRequest | Sequence[str], *, progress: Pro
     if request.verify and request.rank is None and solver.nested_ranks:
         t0 = time.perf_counter()
         grid, rounds = (harden.grid_for(ctx, request.harden, loaded), solved.effect.audit.get("rounds", 0)) if request.harden else (None, 0)
-        solved = smallest_rank(ctx, solved, harden.no_worse(ctx, grid, solved) if grid else None)
+        at_rank = _hardened_at_rank(ctx, grid, solver, request, solved) if grid else None
+        solved = smallest_rank(ctx, solved, harden.no_worse(ctx, grid, solved) if grid else None, at_rank)
         if grid:
             solved = harden.with_audit(solved, harden.check(ctx, grid, feature_change(solved.layer, ctx.projection)), rounds)
         timings["solve"] += time.perf_counter() - t0
@@ -333,8 +334,9 @@ def class_verdicts(ctx: SolveContext, effect: Effect, attempts: list[dict[str, A
     return verdicts
 
 
-def smallest_rank(ctx: SolveContext, solved: Solved, accept: Callable[[Change], bool] | None = None) -> Solved:
-    """The fewest leading factors that do as well as all of them.
+def smallest_rank(ctx: SolveContext, solved: Solved, accept: Callable[[Change], bool] | None = None,
+                  at_rank: Callable[[int], Solved | None] | None = None) -> Solved:
+    """The fewest factors that do as well as all of them.
 
     For a solver with ``nested_ranks`` the first ``r`` factor columns are themselves the exact
     rank-``r`` optimum, so a smaller patch costs one text-space measurement per rank. A rank is
@@ -345,17 +347,62 @@ def smallest_rank(ctx: SolveContext, solved: Solved, accept: Callable[[Change], 
     Never fewer than one factor per forget name: on mini a rank-1 update for "one", "four" and
     "seven" passed the text-space check yet left 19% of the real "one" images recognised, while
     rank 3 took all three to 0%.
+
+    ``at_rank`` (hardened requests, ``_hardened_at_rank``) solves again at a given rank instead
+    of cutting the full solve's factors, on the ranks of ``rank_ladder``.
     """
     full, effect = solved.solution, solved.effect
-    for r in range(min(len(ctx.forget), full.rank), full.rank):
-        trial = Solution(full.up[:, :r], full.down[:r], {**full.info, "rank_of_optimum": full.rank})
-        layer = trial.layer(ctx.projection)
-        e = measure(ctx, feature_change(layer, ctx.projection))
+    ranks = rank_ladder(len(ctx.forget), full.rank) if at_rank else range(min(len(ctx.forget), full.rank), full.rank)
+    for r in ranks:
+        trial = at_rank(r) if at_rank else truncated(ctx, solved, r)
+        if trial is None:
+            continue
+        e = trial.effect
         if (e.all_outranked and len(e.lost) <= len(effect.lost) and e.retained_min >= effect.retained_min
                 and e.vocabulary_retained >= effect.vocabulary_retained - RANK_SLACK
-                and (accept is None or accept(feature_change(layer, ctx.projection)))):
-            return Solved(trial, layer, e, solved.weights, ctx)
+                and (accept is None or accept(feature_change(trial.layer, ctx.projection)))):
+            return trial
     return solved
+
+
+def truncated(ctx: SolveContext, solved: Solved, r: int) -> Solved:
+    """The first ``r`` factors of a solve (for a ``nested_ranks`` solver, the rank-``r`` optimum), measured."""
+    full = solved.solution
+    trial = Solution(full.up[:, :r], full.down[:r], {**full.info, "rank_of_optimum": full.rank})
+    layer = trial.layer(ctx.projection)
+    return Solved(trial, layer, measure(ctx, feature_change(layer, ctx.projection)), solved.weights, ctx)
+
+
+def rank_ladder(n_forget: int, full_rank: int) -> list[int]:
+    """The ranks a hardened solve is tried at, smallest first: one factor per forget name, then
+    doubling, below the full rank. A solve per rank costs a second or so on ViT-B-32, so a
+    hardened search tries a handful of ranks (9 for a full rank of 323), not every one."""
+    ranks, r = [], max(1, n_forget)
+    while r < full_rank:
+        ranks.append(r)
+        r *= 2
+    return ranks
+
+
+def _hardened_at_rank(ctx: SolveContext, grid: harden.Grid, solver: Solver, request: ForgetRequest,
+                      solved: Solved) -> Callable[[int], Solved | None]:
+    """Solve a hardened request again at rank ``r`` (with every row hardening added, then one
+    more pass through the grid at that rank); None when it cannot verify at that rank.
+
+    Cutting a hardened solve's factors gives the rank-``r`` optimum of a problem whose rows were
+    weighed for the full rank: on a random-init ViT-B-32, forgetting "tabby cat" needed 16 of its
+    323 factors (67 KB) to regress no retained prompt, while a solve at rank 1 regresses none
+    and keeps 97.2% of the vocabulary (97.7% at full rank). On mini the solves at small ranks
+    also keep more of the vocabulary than the full one ("one + five": 84.5% at rank 6, 83.0% full)."""
+    def at_rank(r: int) -> Solved | None:
+        ranked = replace(request, rank=r)
+        resolve = lambda c: solve_verified(c, solver, ranked, solved.weights, [])  # noqa: E731
+        try:
+            return harden.run(ctx, grid, resolve(ctx), resolve)[1]
+        except ForgetpackError:
+            return None
+
+    return at_rank
 
 
 def _jsonable(value: Any) -> Any:
