@@ -134,6 +134,23 @@ def test_a_forget_prompt_that_keeps_its_direction_counts_as_close() -> None:
     assert harden.close_forget_prompts(ctx, ["{}"], (up, np.zeros((1, 3)))) == 1  # unchanged
 
 
+def test_drift_measures_how_far_the_retained_prompts_move() -> None:
+    """Of two solves that pass the grid, the rank search keeps the one that moves retained prompts
+    least: moving the forget name costs no drift, turning "six" 45 degrees costs 1 - cos 45° over
+    the two retained prompts."""
+    from forgetpack.engine.measure import SolveContext, TextSpace
+    from forgetpack.engine.preserve import Neighbourhood
+    from forgetpack.engine.projections import Projection
+
+    features = {"seven": np.array([1.0, 0, 0]), "six": np.array([0, 1.0, 0]), "hook": np.array([0, 0, 1.0])}
+    ctx = SolveContext(TextSpace(features, np.eye(3), None), Projection("w", "in_out", "test"), ("seven",), ("six", "hook"),
+                       ("seven", "six", "hook"), Neighbourhood(["six", "hook"]), ("{}",), ())
+    grid = harden.Grid((), ("{}",))
+    assert harden.drift(ctx, grid, (np.array([[1.0], [0], [0]]), np.array([[-2.0, 0, 0]]))) == pytest.approx(0.0)
+    turned = (np.array([[0], [0], [1.0]]), np.array([[0, 1.0, 0]]))  # six -> (0, 1, 1)
+    assert harden.drift(ctx, grid, turned) == pytest.approx((1 - np.sqrt(0.5)) / 2)
+
+
 def test_hardening_preserves_the_classes_a_model_declares() -> None:
     from forgetpack.engine.preserve import Neighbourhood
 

@@ -123,6 +123,19 @@ def with_audit(solved: Any, result: Check, rounds: int) -> Any:
     return replace(solved, effect=replace(solved.effect, audit=audit))
 
 
+def drift(ctx: SolveContext, grid: Grid, change: Change) -> float:
+    """How far a change moves the retained classes' prompts under the grid's templates: the mean of
+    ``1 - cos(before, after)``. Of two solves that both pass the grid, the one that moves them
+    less cost fewer images of retained classes on mini (``solve._hardened_at_rank``)."""
+    keep = set(retained_of(ctx))
+    prompts = [t.format(c) for t in grid.templates for c in ctx.candidates if c in keep]
+    if not prompts:
+        return 0.0
+    before = unit_rows(ctx.space.embed(prompts))
+    after = unit_rows(ctx.space.embed_changed(prompts, change))
+    return float(1.0 - np.mean(np.sum(before * after, axis=1)))
+
+
 def no_worse(ctx: SolveContext, grid: Grid, solved: Any) -> Callable[[Change], bool]:
     """A test that a smaller solve finds no more in the grid than ``solved`` and leaves no more of
     the forget prompts close to their originals (``bypass.still_close``), for the rank search:
