@@ -172,7 +172,7 @@ def test_a_hardened_search_solves_again_on_the_rank_ladder() -> None:
 
     def at_rank(r):
         tried.append(r)
-        return None if r == 1 else solve_stub(rank=r, vocabulary=0.90 if r >= 4 else 0.80)  # rank 1 cannot verify
+        return [] if r == 1 else [solve_stub(rank=r, vocabulary=0.90 if r >= 4 else 0.80)]  # rank 1 cannot verify
 
     chosen = solve.smallest_rank(full.context, full, accept=None, at_rank=at_rank)
     assert chosen.solution.rank == 4 and tried == [1, 2, 4]

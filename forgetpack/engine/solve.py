@@ -336,7 +336,7 @@ def class_verdicts(ctx: SolveContext, effect: Effect, attempts: list[dict[str, A
 
 
 def smallest_rank(ctx: SolveContext, solved: Solved, accept: Callable[[Change], bool] | None = None,
-                  at_rank: Callable[[int], Solved | None] | None = None) -> Solved:
+                  at_rank: Callable[[int], list[Solved]] | None = None) -> Solved:
     """The fewest factors that do as well as all of them.
 
     For a solver with ``nested_ranks`` the first ``r`` factor columns are themselves the exact
@@ -350,19 +350,18 @@ def smallest_rank(ctx: SolveContext, solved: Solved, accept: Callable[[Change], 
     rank 3 took all three to 0%.
 
     ``at_rank`` (hardened requests, ``_hardened_at_rank``) solves again at a given rank instead
-    of cutting the full solve's factors, on the ranks of ``rank_ladder``.
+    of cutting the full solve's factors, on the ranks of ``rank_ladder``; of its solves at a
+    rank, the first that does as well is kept.
     """
     full, effect = solved.solution, solved.effect
     ranks = rank_ladder(len(ctx.forget), full.rank) if at_rank else range(min(len(ctx.forget), full.rank), full.rank)
     for r in ranks:
-        trial = at_rank(r) if at_rank else truncated(ctx, solved, r)
-        if trial is None:
-            continue
-        e = trial.effect
-        if (e.all_outranked and len(e.lost) <= len(effect.lost) and e.retained_min >= effect.retained_min
-                and e.vocabulary_retained >= effect.vocabulary_retained - RANK_SLACK
-                and (accept is None or accept(feature_change(trial.layer, ctx.projection)))):
-            return trial
+        for trial in at_rank(r) if at_rank else [truncated(ctx, solved, r)]:
+            e = trial.effect
+            if (e.all_outranked and len(e.lost) <= len(effect.lost) and e.retained_min >= effect.retained_min
+                    and e.vocabulary_retained >= effect.vocabulary_retained - RANK_SLACK
+                    and (accept is None or accept(feature_change(trial.layer, ctx.projection)))):
+                return trial
     return solved
 
 
@@ -386,10 +385,10 @@ def rank_ladder(n_forget: int, full_rank: int) -> list[int]:
 
 
 def _hardened_at_rank(starts: Sequence[tuple[SolveContext, Weights]], grid: harden.Grid, solver: Solver,
-                      request: ForgetRequest) -> Callable[[int], Solved | None]:
+                      request: ForgetRequest) -> Callable[[int], list[Solved]]:
     """Harden a request again at rank ``r`` from each of ``starts`` (its context and weights before
-    hardening, and after hardening at full rank) and keep the solve that moves the retained
-    prompts least (``harden.drift``); None when neither verifies at that rank.
+    hardening, and after hardening at full rank): the solves that verify, the one that moves the
+    retained prompts least (``harden.drift``) first.
 
     Cutting a hardened solve's factors gives the rank-``r`` optimum of a problem whose rows were
     weighed for the full rank: on a random-init ViT-B-32, forgetting "tabby cat" needed 16 of its
@@ -398,7 +397,7 @@ def _hardened_at_rank(starts: Sequence[tuple[SolveContext, Weights]], grid: hard
     requests of the mini sweep costing one retained class 3 images ("one + five" from the hardened
     context, "nine" and "three + nine" from the plain one); the one that drifts less was the
     better in all five requests compared on images, and with it the sweep holds all bounds."""
-    def at_rank(r: int) -> Solved | None:
+    def at_rank(r: int) -> list[Solved]:
         ranked, found = replace(request, rank=r), []
         for ctx, weights in starts:
             resolve = lambda c, w=weights: solve_verified(c, solver, ranked, w, [])  # noqa: E731
@@ -406,8 +405,7 @@ def _hardened_at_rank(starts: Sequence[tuple[SolveContext, Weights]], grid: hard
                 found.append(harden.run(ctx, grid, resolve(ctx), resolve)[1])
             except ForgetpackError:
                 continue
-        return min(found, key=lambda s: harden.drift(starts[0][0], grid, feature_change(s.layer, s.context.projection)),
-                   default=None)
+        return sorted(found, key=lambda s: harden.drift(starts[0][0], grid, feature_change(s.layer, s.context.projection)))
 
     return at_rank
 
