@@ -350,3 +350,19 @@ def test_openapi_schema_fuzz_finds_no_server_errors(export_dir, patch_files, tmp
 
         fuzz()
     assert not failures, failures
+
+
+def test_the_service_sleeps_between_onnx_runs_and_answers_as_the_runtime(export_dir, images):
+    """The server's event loop, decoding threads and batcher share the cores with onnxruntime, so its
+    sessions sleep between runs instead of spin-waiting (``spin=False``); the answers are the same."""
+    from runtime.serve.service import Service
+
+    service = Service(ServeConfig(source=str(export_dir), threads=2))
+    try:
+        spinning = runtime.load(export_dir, threads=2)
+        assert service.model.backend.spin is False and spinning.backend.spin is True
+        np.testing.assert_allclose(service.model.encode_image(images[:4]), spinning.encode_image(images[:4]), atol=1e-6)
+    finally:
+        service.close()
+    with pytest.raises(ForgetpackError, match="unknown option"):
+        runtime.load(export_dir, spinning=False)

@@ -22,19 +22,9 @@ import time
 from pathlib import Path
 
 from bench_warm_forget import write_checkpoint  # tools/ is on the path when this script runs
+from machine_limits import cpu_line
 
 TARGETS = {"cold_s": 60.0, "warm_s": 5.0, "patch_kb": 32.0}
-
-
-def cpu() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return f"{name} ({os.cpu_count()} cores; {', '.join(simd) or 'no AVX2'})"
 
 
 def run(model: str, name: str, harden: bool, cache: str, out: Path) -> tuple[float, dict]:
@@ -53,7 +43,7 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B-32:none")
     parser.add_argument("--forget", default="tabby cat")
     args = parser.parse_args()
-    print(cpu())
+    print(cpu_line())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         arch, _, weights = args.model.partition(":")

@@ -39,6 +39,13 @@ def cpu_features() -> dict[str, Any]:
     return {"model": model, "cpus": os.cpu_count(), "flags": {f: f in flags for f in FLAGS}}
 
 
+def cpu_line() -> str:
+    """``cpu_features`` in one line, for a benchmark's first line: "AMD EPYC (2 CPUs; avx2, fma, ...)"."""
+    cpu = cpu_features()
+    present = [f for f, there in cpu["flags"].items() if there]
+    return f"{cpu['model']} ({cpu['cpus']} CPUs; {', '.join(present) or 'no AVX2'})"
+
+
 def gemm_rate(threads: int, m: int = 1600, k: int = 768, n: int = 3072, seconds: float = 3.0) -> float:
     """GFLOP/s of ``[m, k] @ [k, n]`` fp32 with onnxruntime on ``threads`` threads (the best of
     short rounds, so a burst of other work on a shared machine counts less)."""

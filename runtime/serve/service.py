@@ -54,7 +54,9 @@ class Service:
                 raise ForgetpackError(f"{config.source}: not an export directory; serve an export "
                                       "(`forgetpack export MODEL DIR`): the service runs on the torch-free onnx runtime")
             options = {"threads": config.threads} if config.threads is not None else {}
-            model = runtime.load(config.source, backend="onnx", providers=list(config.providers) if config.providers else None,
+            # spin=False: the event loop, the decoding threads and the batcher need the cores onnxruntime would spin on
+            model = runtime.load(config.source, backend="onnx", spin=False,
+                                 providers=list(config.providers) if config.providers else None,
                                  trusted_keys=list(config.trusted_keys) if config.trusted_keys is not None else None,
                                  max_pixels=self.limits.max_pixels, **options)
         self.model = model
