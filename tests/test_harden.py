@@ -59,6 +59,10 @@ def test_harden_on_the_command_line(tmp_path, capsys) -> None:
     assert "unknown variant family 'nope'" in capsys.readouterr().err
     with pytest.raises(ForgetpackError, match="unknown variant family"):
         ForgetRequest(["seven"], harden=("telepathy",))
+    assert main(["inspect", str(tmp_path / "s.fpatch")]) == 0
+    assert "clean after" in " ".join(capsys.readouterr().out.split())
+    assert main(["forget", "mini", "--forget", "seven", "-o", str(tmp_path / "plain.fpatch")]) == 0
+    assert "other names for the class were not tried" in " ".join(capsys.readouterr().out.split())  # a plain patch says so
 
 
 def test_the_models_own_templates_join_the_template_family() -> None:

@@ -118,10 +118,12 @@ def progress_bar(enabled: bool, what: str = "encoding text") -> Iterator[Callabl
 
 def hardening_summary(recipe: dict[str, Any], effect: dict[str, Any]) -> str | None:
     """One line on what a patch was hardened against and what the last look through the grid found
-    (``forget`` and ``inspect`` both show it); None for a patch that was not hardened."""
+    (``forget`` and ``inspect`` both show it). For a forget patch that was not hardened, says so:
+    on mini, 50 of 58 plain patches leave some other name that still finds the class. None for a
+    patch that forgets nothing by name."""
     audit = effect.get("audit")
     if not isinstance(audit, dict) or not isinstance(audit.get("families"), dict):
-        return None
+        return "no: other names for the class were not tried (--harden; check with `forgetpack audit`)" if recipe.get("forget") else None
     families = [f for f in audit["families"].values() if isinstance(f, dict)]
     found = sum(int(f.get("bypasses", 0)) for f in families)
     tried = sum(int(f.get("tried", 0)) for f in families)
