@@ -167,10 +167,10 @@ def test_hardening_preserves_the_classes_a_model_declares() -> None:
 def test_a_hardened_search_solves_again_on_the_rank_ladder() -> None:
     """Cutting factors keeps the nested optimum of rows weighed for the full rank; a hardened search
     instead solves again at 1, 2, 4, 8... factors (``rank_ladder``) and keeps the first that does as well."""
-    from forgetpack.engine import solve
+    from forgetpack.engine import ranks
 
-    assert solve.rank_ladder(1, 323) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
-    assert solve.rank_ladder(2, 9) == [2, 4, 8] and solve.rank_ladder(3, 3) == []
+    assert ranks.rank_ladder(1, 323) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert ranks.rank_ladder(2, 9) == [2, 4, 8] and ranks.rank_ladder(3, 3) == []
     full = solve_stub(rank=20, vocabulary=0.90)
     tried = []
 
@@ -178,7 +178,7 @@ def test_a_hardened_search_solves_again_on_the_rank_ladder() -> None:
         tried.append(r)
         return [] if r == 1 else [solve_stub(rank=r, vocabulary=0.90 if r >= 4 else 0.80)]  # rank 1 cannot verify
 
-    chosen = solve.smallest_rank(full.context, full, accept=None, at_rank=at_rank)
+    chosen = ranks.smallest_rank(full.context, full, accept=None, at_rank=at_rank)
     assert chosen.solution.rank == 4 and tried == [1, 2, 4]
 
 

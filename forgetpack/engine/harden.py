@@ -126,7 +126,7 @@ def with_audit(solved: Any, result: Check, rounds: int) -> Any:
 def drift(ctx: SolveContext, grid: Grid, change: Change) -> float:
     """How far a change moves the retained classes' prompts under the grid's templates: the mean of
     ``1 - cos(before, after)``. Of two solves that both pass the grid, the one that moves them
-    less cost fewer images of retained classes on mini (``solve._hardened_at_rank``)."""
+    less cost fewer images of retained classes on mini (``ranks.hardened_at_rank``)."""
     keep = set(retained_of(ctx))
     prompts = [t.format(c) for t in grid.templates for c in ctx.candidates if c in keep]
     if not prompts:

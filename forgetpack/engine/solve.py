@@ -28,9 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from forgetpack.engine import harden
+from forgetpack.engine import harden, ranks
 from forgetpack.engine.measure import (
-    Change,
     SolveContext,
     TextSpace,
     candidates_of,
@@ -55,7 +54,6 @@ REPAIR_STEP = 16.0  # each repair multiplies a lost class's preserve rows' weigh
 MAX_EMPHASIS = REPAIR_STEP**MAX_REPAIRS
 ADAPTIVE_ROUNDS = 1  # automatic preserve sets: re-solve once with the most-moved vocabulary names added
 RETAIN_GOAL = 0.98
-RANK_SLACK = 0.005  # vocabulary retention a smaller rank may give up against the full solve
 
 Progress = Callable[[int, int], None]  # (prompts encoded, prompts to encode), called while encoding
 
@@ -125,14 +123,15 @@ def forget(loaded: Any, request: ForgetRequest | Sequence[str], *, progress: Pro
         t0 = time.perf_counter()
         plain = (ctx, solved.weights)
         ctx, solved = harden.run(ctx, grid, solved, lambda c: solve_verified(c, solver, request, solved.weights, attempts))
-        at_rank = _hardened_at_rank((plain, (ctx, solved.weights)), grid, solver, request)
+        at_rank = ranks.hardened_at_rank((plain, (ctx, solved.weights)), grid,
+                                         lambda c, w, r: solve_verified(c, solver, replace(request, rank=r), w, []))
         timings["solve"] += time.perf_counter() - t0
 
     # 5. the fewest factors that do as well as all of them (a smaller patch)
     if request.verify and request.rank is None and solver.nested_ranks:
         t0 = time.perf_counter()
         rounds = solved.effect.audit.get("rounds", 0) if grid else 0
-        solved = smallest_rank(ctx, solved, harden.no_worse(ctx, grid, solved) if grid else None, at_rank if grid else None)
+        solved = ranks.smallest_rank(ctx, solved, harden.no_worse(ctx, grid, solved) if grid else None, at_rank if grid else None)
         if grid:
             solved = harden.with_audit(solved, harden.check(ctx, grid, feature_change(solved.layer, ctx.projection)), rounds)
         timings["solve"] += time.perf_counter() - t0
@@ -333,81 +332,6 @@ def class_verdicts(ctx: SolveContext, effect: Effect, attempts: list[dict[str, A
         else:
             verdicts[c] = "lost" if c in effect.lost else "repaired" if c in ever_lost else "kept"
     return verdicts
-
-
-def smallest_rank(ctx: SolveContext, solved: Solved, accept: Callable[[Change], bool] | None = None,
-                  at_rank: Callable[[int], list[Solved]] | None = None) -> Solved:
-    """The fewest factors that do as well as all of them.
-
-    For a solver with ``nested_ranks`` the first ``r`` factor columns are themselves the exact
-    rank-``r`` optimum, so a smaller patch costs one text-space measurement per rank. A rank is
-    kept when forgetting still verifies, the worst-template retention is no lower and the
-    vocabulary retention at most ``RANK_SLACK`` lower than with every factor. Each rank of a
-    512-wide projection is 4 KB on disk: this is what keeps a one-class patch small.
-
-    Never fewer than one factor per forget name: on mini a rank-1 update for "one", "four" and
-    "seven" passed the text-space check yet left 19% of the real "one" images recognised, while
-    rank 3 took all three to 0%.
-
-    ``at_rank`` (hardened requests, ``_hardened_at_rank``) solves again at a given rank instead
-    of cutting the full solve's factors, on the ranks of ``rank_ladder``; of its solves at a
-    rank, the first that does as well is kept.
-    """
-    full, effect = solved.solution, solved.effect
-    ranks = rank_ladder(len(ctx.forget), full.rank) if at_rank else range(min(len(ctx.forget), full.rank), full.rank)
-    for r in ranks:
-        for trial in at_rank(r) if at_rank else [truncated(ctx, solved, r)]:
-            e = trial.effect
-            if (e.all_outranked and len(e.lost) <= len(effect.lost) and e.retained_min >= effect.retained_min
-                    and e.vocabulary_retained >= effect.vocabulary_retained - RANK_SLACK
-                    and (accept is None or accept(feature_change(trial.layer, ctx.projection)))):
-                return trial
-    return solved
-
-
-def truncated(ctx: SolveContext, solved: Solved, r: int) -> Solved:
-    """The first ``r`` factors of a solve (for a ``nested_ranks`` solver, the rank-``r`` optimum), measured."""
-    full = solved.solution
-    trial = Solution(full.up[:, :r], full.down[:r], {**full.info, "rank_of_optimum": full.rank})
-    layer = trial.layer(ctx.projection)
-    return Solved(trial, layer, measure(ctx, feature_change(layer, ctx.projection)), solved.weights, ctx)
-
-
-def rank_ladder(n_forget: int, full_rank: int) -> list[int]:
-    """The ranks a hardened solve is tried at, smallest first: one factor per forget name, then
-    doubling, below the full rank. A solve per rank costs a second or so on ViT-B-32, so a
-    hardened search tries a handful of ranks (9 for a full rank of 323), not every one."""
-    ranks, r = [], max(1, n_forget)
-    while r < full_rank:
-        ranks.append(r)
-        r *= 2
-    return ranks
-
-
-def _hardened_at_rank(starts: Sequence[tuple[SolveContext, Weights]], grid: harden.Grid, solver: Solver,
-                      request: ForgetRequest) -> Callable[[int], list[Solved]]:
-    """Harden a request again at rank ``r`` from each of ``starts`` (its context and weights before
-    hardening, and after hardening at full rank): the solves that verify, the one that moves the
-    retained prompts least (``harden.drift``) first.
-
-    Cutting a hardened solve's factors gives the rank-``r`` optimum of a problem whose rows were
-    weighed for the full rank: on a random-init ViT-B-32, forgetting "tabby cat" needed 16 of its
-    323 factors (67 KB) to regress no retained prompt, while a solve at rank 1 regresses none
-    and keeps 97.2% of the vocabulary (97.7% at full rank). Either start alone left two of the 58
-    requests of the mini sweep costing one retained class 3 images ("one + five" from the hardened
-    context, "nine" and "three + nine" from the plain one); the one that drifts less was the
-    better in all five requests compared on images, and with it the sweep holds all bounds."""
-    def at_rank(r: int) -> list[Solved]:
-        ranked, found = replace(request, rank=r), []
-        for ctx, weights in starts:
-            resolve = lambda c, w=weights: solve_verified(c, solver, ranked, w, [])  # noqa: E731
-            try:
-                found.append(harden.run(ctx, grid, resolve(ctx), resolve)[1])
-            except ForgetpackError:
-                continue
-        return sorted(found, key=lambda s: harden.drift(starts[0][0], grid, feature_change(s.layer, s.context.projection)))
-
-    return at_rank
 
 
 def _jsonable(value: Any) -> Any:
