@@ -118,6 +118,7 @@ def forget(loaded: Any, request: ForgetRequest | Sequence[str], *, progress: Pro
     ctx, solved, attempts = _solve_rounds(loaded, ctx, solver, request, progress, timings)
     added = [n for n in ctx.preserve if n not in hood.preserve]  # by the adaptive round
     grid = harden.grid_for(ctx, request.harden, loaded) if request.harden else None
+    at_rank = None  # a hardened request solves again at smaller ranks (ranks.hardened_at_rank)
     if grid:  # solve again while the bypass grid finds something (forgetpack.engine.harden)
         timings["encode_templates"] += _encode(loaded, ctx.space, grid.prompts(ctx), progress)
         t0 = time.perf_counter()
@@ -131,7 +132,7 @@ def forget(loaded: Any, request: ForgetRequest | Sequence[str], *, progress: Pro
     if request.verify and request.rank is None and solver.nested_ranks:
         t0 = time.perf_counter()
         rounds = solved.effect.audit.get("rounds", 0) if grid else 0
-        solved = ranks.smallest_rank(ctx, solved, harden.no_worse(ctx, grid, solved) if grid else None, at_rank if grid else None)
+        solved = ranks.smallest_rank(ctx, solved, harden.no_worse(ctx, grid, solved) if grid else None, at_rank)
         if grid:
             solved = harden.with_audit(solved, harden.check(ctx, grid, feature_change(solved.layer, ctx.projection)), rounds)
         timings["solve"] += time.perf_counter() - t0
