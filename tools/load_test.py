@@ -126,9 +126,15 @@ async def run_load(url: str, seconds: float, concurrency: int, make_body, on_ans
             "p99_ms": float(np.percentile(lat, 99))}
 
 
-async def http_floor(url: str, seconds: float, concurrency: int, max_requests: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds a process (all its threads) has used so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def http_floor(url: str, seconds: float, concurrency: int, max_requests: int) -> tuple[float, int]:
     """Requests/s of ``GET /healthz``, which does nothing, at ``concurrency``: the most any route of
-    this server answers on this machine with the load generator beside it."""
+    this server answers on this machine with the load generator beside it; and how many."""
     import httpx
 
     deadline, counter, done = time.perf_counter() + seconds, itertools.count(), [0]
@@ -141,7 +147,7 @@ async def http_floor(url: str, seconds: float, concurrency: int, max_requests: i
     start = time.perf_counter()
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=concurrency)) as http:
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
-    return done[0] / (time.perf_counter() - start)
+    return done[0] / (time.perf_counter() - start), done[0]
 
 
 async def switch_defaults(url: str, headers: dict, sets: list[list[str]], every: float, seconds: float) -> int:
@@ -197,7 +203,7 @@ def service_core(source: Path, args: argparse.Namespace, pool: list, labels: lis
         out = io.BytesIO()
         im.save(out, "PNG")
         blobs.append(out.getvalue())
-    service = Service(ServeConfig(source=str(source), threads=args.threads))
+    service = Service(ServeConfig(source=str(source), threads=args.server_threads))
     seconds = max(3.0, args.seconds / 10)
 
     async def client(end: float, done: list[int], offset: int) -> None:
@@ -226,10 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--images", type=int, default=2, help="images per request (16 clients x 2 = batch-32-sized load)")
     parser.add_argument("--switch", type=float, default=1.0, help="seconds between default switches")
-    parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads, for the server and the baseline")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads of the in-process baseline")
+    parser.add_argument("--server-threads", type=int, help="onnxruntime threads of the server (default: --threads)")
     parser.add_argument("--max-requests", type=int, default=200_000, help="a bound on requests per phase")
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args(argv)
+    args.server_threads = args.server_threads or args.threads
 
     import runtime
     from forgetpack.evaluation.datasets import load_dataset
@@ -290,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     token_file.write_text(token)
     headers = {"Authorization": f"Bearer {token}"}
     registry = work / "registry"
-    proc, url = start_server(source, registry, token_file, args.threads, [])
+    proc, url = start_server(source, registry, token_file, args.server_threads, [])
     results: dict = {"source": str(args.source), "model": spec, "in_process_images_per_s": inprocess,
                      "in_process_png_images_per_s": inprocess_png,
                      "service_core_images_per_s": core,
@@ -325,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
             load = run_load(url, args.seconds, args.concurrency, body(), keep, args.max_requests)
             return await asyncio.gather(load, switch_defaults(url, headers, sets, args.switch, args.seconds))
 
+        used = cpu_seconds(proc.pid)
         main_result, switches = asyncio.run(main_phase())
+        main_result["server_cpu_ms"] = 1000 * (cpu_seconds(proc.pid) - used) / max(main_result["requests"], 1)
         wrong, states = 0, set()
         for answer, picked in answers:
             digests = tuple(answer["patch_state"]["patches"])
@@ -343,9 +353,15 @@ def main(argv: list[str] | None = None) -> int:
         distinct = [list(p) for n in range(1, len(ids) + 1) for p in itertools.permutations(ids, n)][:100]
         cycle = itertools.cycle(distinct)
         short = max(3.0, args.seconds / 4)
-        floor = asyncio.run(http_floor(url, short, args.concurrency, args.max_requests))
+        used = cpu_seconds(proc.pid)
+        floor, count = asyncio.run(http_floor(url, short, args.concurrency, args.max_requests))
+        cpu_ms = 1000 * (cpu_seconds(proc.pid) - used) / max(count, 1)  # the server's own, whatever the client costs
         results["http_floor"] = {"requests_per_s": floor, "images_per_s": floor * args.images,
-                                 "ratio_to_in_process_png": floor * args.images / inprocess_png}
+                                 "ratio_to_in_process_png": floor * args.images / inprocess_png, "server_cpu_ms": cpu_ms,
+                                 "server_only_ratio": (os.cpu_count() or 1) * 1000 / cpu_ms * args.images / inprocess_png,
+                                 # the cores are saturated: what the server did not use per request, the client did
+                                 "client_cpu_ms": (os.cpu_count() or 1) * 1000 / floor - cpu_ms,
+                                 "budget_cpu_ms": (os.cpu_count() or 1) * 1000 * args.images / (0.8 * inprocess_png)}
         # each set's first request builds its state and classifier: timed apart, so the phases compare steady states
         first = time.perf_counter()
         for patch_set in distinct:
@@ -365,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         stop(proc)
 
     # 5. the micro-batching gain: the same load without batching
-    proc, url = start_server(source, work / "registry-nobatch", token_file, args.threads, ["--max-batch", "1"])
+    proc, url = start_server(source, work / "registry-nobatch", token_file, args.server_threads, ["--max-batch", "1"])
     try:
         nobatch = asyncio.run(run_load(url, max(3.0, args.seconds / 4), args.concurrency, body(lambda: []),
                                        lambda a, m: None, args.max_requests))
@@ -381,13 +397,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"failed requests {m['failed']}, wrong answers {m['wrong_answers']} of {m['requests']}")
     print(f"in-process runtime, batch 32: {inprocess:.1f} images/s decoded, {inprocess_png:.1f} from PNG bytes; "
           f"service/in-process {m['ratio_to_in_process']:.2f}, {m['ratio_to_in_process_png']:.2f} from PNG bytes (target >= 0.80)")
+    server_only = (os.cpu_count() or 1) * 1000 / m["server_cpu_ms"] * args.images / inprocess_png
+    print(f"the server's CPU per request: {m['server_cpu_ms']:.2f} ms, so with a client that cost nothing {os.cpu_count()} "
+          f"CPUs would pass at most {server_only:.2f} of in-process from PNG bytes (the client shares them here)")
     per_request_ms = 1000 * (1 / m["requests_per_s"] - args.images / inprocess_png)
     print(f"what a request costs beyond decoding and inference: {per_request_ms:.2f} ms "
           f"(inference and decoding of its {args.images} images: {1000 * args.images / inprocess_png:.2f} ms)")
     fl = results["http_floor"]
     print(f"a request that does nothing (GET /healthz), same concurrency: {fl['requests_per_s']:.0f} requests/s, so at "
           f"{args.images} images a request no route here passes {fl['images_per_s']:.0f} images/s: "
-          f"{fl['ratio_to_in_process_png']:.2f} of in-process from PNG bytes")
+          f"{fl['ratio_to_in_process_png']:.2f} of in-process from PNG bytes; it costs the server {fl['server_cpu_ms']:.2f} ms "
+          f"of CPU, so even with a client that cost nothing, {os.cpu_count()} CPUs pass at most "
+          f"{fl['server_only_ratio']:.2f} of in-process")
+    print(f"the load generator's CPU per request: about {fl['client_cpu_ms']:.2f} ms; 0.80 of in-process at {args.images} images "
+          f"a request leaves {fl['budget_cpu_ms']:.2f} ms of CPU per request for client and server together")
     print(f"service request path without HTTP (Service.classify, same concurrency): {core:.1f} images/s, "
           f"{core / inprocess:.2f} of in-process")
     print(f"100 distinct patch sets: {ps['sets_requests_per_s']:.1f} req/s vs {ps['none_requests_per_s']:.1f} with none: "
