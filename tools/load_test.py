@@ -11,8 +11,10 @@ In one run (bounded in time and count, 127.0.0.1 only), against a server started
 4. the default-switch latency: from the PUT's answer to the first answer under the new default;
 5. the micro-batching gain: the same load against a server started with ``--max-batch 1``.
 
-It prints requests/s, p50/p99 latency, the ratio of service to in-process images/s, the cost of
-100 patch sets, the switch latency and the batching gain. Targets (issue 12, a benchmark): service
+It prints the CPU, requests/s, p50/p99 latency, the ratio of service to in-process images/s, the
+CPU per request of the server and of the load generator (with the budget the ratio target
+leaves them), the HTTP floor (``GET /healthz``), the cost of 100 patch sets (each set's first
+request apart), the switch latency (and the same request's without a switch) and the batching gain. Targets (issue 12, a benchmark): service
 >= 80% of in-process at batch-32-sized load; 100 patch sets cost <= 10% throughput; a switch takes
 effect within 50 ms; 0 failed requests and 0 wrong answers.
 
