@@ -182,6 +182,32 @@ def test_a_hardened_search_solves_again_on_the_rank_ladder() -> None:
     assert chosen.solution.rank == 4 and tried == [1, 2, 4]
 
 
+def test_each_rank_tries_the_solve_that_drifts_least_first(monkeypatch) -> None:
+    """At each rank the request is hardened from every start (before and after hardening at full
+    rank); the solves come back least drift first, and a start that cannot verify is left out."""
+    from types import SimpleNamespace
+
+    from forgetpack.engine import ranks
+
+    drifts = {"plain": 0.03, "hardened": 0.02}
+    monkeypatch.setattr(harden, "run", lambda ctx, grid, solved, resolve: (ctx, solved))  # the grid is clean
+    monkeypatch.setattr(harden, "drift", lambda ctx, grid, change: change)
+    monkeypatch.setattr(ranks, "feature_change", lambda layer, projection: drifts[layer])
+    projection = object()
+
+    def solve_at(ctx, weights, r):
+        if ctx == "broken":
+            raise ForgetpackError("cannot verify at this rank")
+        return SimpleNamespace(layer=ctx, context=SimpleNamespace(projection=projection), rank=r)
+
+    at_rank = ranks.hardened_at_rank([("plain", None), ("hardened", None)], harden.Grid((), ()), solve_at)
+    assert [(s.layer, s.rank) for s in at_rank(2)] == [("hardened", 2), ("plain", 2)]
+    drifts["plain"] = 0.01
+    assert [s.layer for s in at_rank(1)] == ["plain", "hardened"]
+    only = ranks.hardened_at_rank([("plain", None), ("broken", None)], harden.Grid((), ()), solve_at)
+    assert [s.layer for s in only(4)] == ["plain"]
+
+
 def solve_stub(rank: int, vocabulary: float):
     """A ``Solved`` whose effect verifies with the given vocabulary retention (nothing else differs)."""
     from forgetpack.engine.measure import SolveContext, TextSpace
