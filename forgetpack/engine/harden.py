@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from forgetpack.engine.bypass import Outcome, outcomes, prompts_needed, still_close, summarise
-from forgetpack.engine.measure import Change, SolveContext, feature_change
+from forgetpack.engine.measure import Change, SolveContext, cosine_drift, feature_change
 from forgetpack.engine.preserve import Neighbourhood, unit_rows
 from forgetpack.engine.variants import FamilyContext, Variant, generate
 
@@ -129,11 +129,7 @@ def drift(ctx: SolveContext, grid: Grid, change: Change) -> float:
     less cost fewer images of retained classes on mini (``ranks.hardened_at_rank``)."""
     keep = set(retained_of(ctx))
     prompts = [t.format(c) for t in grid.templates for c in ctx.candidates if c in keep]
-    if not prompts:
-        return 0.0
-    before = unit_rows(ctx.space.embed(prompts))
-    after = unit_rows(ctx.space.embed_changed(prompts, change))
-    return float(1.0 - np.mean(np.sum(before * after, axis=1)))
+    return float(np.mean(cosine_drift(ctx.space, prompts, change))) if prompts else 0.0
 
 
 def no_worse(ctx: SolveContext, grid: Grid, solved: Any) -> Callable[[Change], bool]:

@@ -154,11 +154,7 @@ def measure(ctx: SolveContext, change: Change) -> Effect:
                 outranked[f] = False
         kept = [c for c in keepers if pred[idx[c]] == idx[c]]
         retained_by_template[t] = len(kept) / len(keepers) if keepers else 1.0
-    drift = 0.0
-    if ctx.preserve:
-        pp = ctx.prompts(ctx.preserve)
-        cos = np.sum(unit_rows(space.embed(pp)) * unit_rows(space.embed_changed(pp, change)), axis=1)
-        drift = float(np.mean(1.0 - cos))
+    drift = float(np.mean(cosine_drift(space, ctx.prompts(ctx.preserve), change))) if ctx.preserve else 0.0
     vocabulary_retained = 1.0
     if ctx.pool:
         names = [*ctx.forget, *ctx.pool]
@@ -179,13 +175,18 @@ def measure(ctx: SolveContext, change: Change) -> Effect:
     )
 
 
+def cosine_drift(space: TextSpace, prompts: Sequence[str], change: Change) -> np.ndarray:
+    """Per prompt, how far ``change`` turns its embedding: ``1 - cos(before, after)``."""
+    return 1.0 - np.sum(unit_rows(space.embed(prompts)) * unit_rows(space.embed_changed(prompts, change)), axis=1)
+
+
 def most_moved(space: TextSpace, change: Change, pool: Sequence[str], exclude: set[str], count: int) -> list[str]:
     """The ``count`` vocabulary names whose bare embedding the change turns most (cosine drift
     above ``MOVED_MIN``): the names an automatic preserve set should hold next."""
     names = [n for n in pool if n not in exclude]
     if not names or count <= 0:
         return []
-    drift = 1.0 - np.sum(unit_rows(space.embed(names)) * unit_rows(space.embed_changed(names, change)), axis=1)
+    drift = cosine_drift(space, names, change)
     order = np.argsort(-drift, kind="stable")[:count]
     return [names[i] for i in order if drift[i] > MOVED_MIN]
 
