@@ -12,10 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 
+from forgetpack import mini as mini_model
 from forgetpack.cli import main
 from forgetpack.engine import aliases
 from forgetpack.engine.request import ForgetRequest
-from forgetpack.engine.variants import FamilyContext, SurfaceFamily, generate, misspellings
+from forgetpack.engine.variants import FamilyContext, SurfaceFamily, SynonymFamily, generate, misspellings
 from forgetpack.evaluation import audit as audit_module
 from forgetpack.evaluation.audit import audit, retained_classes
 from forgetpack.format.errors import ForgetpackError
@@ -54,6 +55,21 @@ def test_surface_forms_hold_case_numerals_and_misspellings() -> None:
     distances = {distance("seven", w) for w, kind in labels.items() if kind == "misspelling"}
     assert distances == {1, 2}
     assert {v.template for v in SurfaceFamily().variants("seven", FamilyContext())} == set(FamilyContext().label_templates)
+
+
+def test_synonyms_of_everyday_names_come_from_wordnet() -> None:
+    """Other words for the same thing (WordNet synonyms and the kinds below it), never another known class:
+    "ambulance" is a kind of car in WordNet, but it is a class of its own."""
+    family = SynonymFamily()
+    labels = {v.label: v.kind for v in family.variants("cat", FamilyContext())}
+    assert {"kitty", "house cat", "tabby"} <= set(labels) and labels["kitty"] == "hyponym"
+    assert {"automobile", "auto"} <= {v.label for v in family.variants("car", FamilyContext())}
+    assert "fiddle" in {v.label for v in family.variants("violin", FamilyContext())}
+    known = {n.lower() for n in mini_model.CLASS_NAMES}
+    for name in ("car", "cat", "dog", "truck", "cup", "t-shirt"):
+        assert not {v.label.lower() for v in family.variants(name, FamilyContext())} & known, name
+    assert family.variants("seven", FamilyContext()) == []  # numbers are the lexicon's
+    assert {v.template for v in family.variants("dog", FamilyContext())} == set(FamilyContext().label_templates)
 
 
 def test_generators_are_deterministic_across_runs() -> None:
@@ -189,9 +205,9 @@ def test_vision_patches_are_measured_and_other_targets_refused(mini) -> None:
     test = load_dataset("mnist", "test")
     keep = np.concatenate([np.flatnonzero(test.labels == c)[:10] for c in range(10)])
     small = LabeledImages("mnist-small", [test.images[i] for i in keep], test.labels[keep], test.classnames, test.templates)
-    before = mini.model.visual.proj.detach().clone()
+    before = {k: v.clone() for k, v in mini.model.state_dict().items()}
     report = audit(mini, [patch], ["seven"], datasets=[small], families=["templates"])
-    assert torch.equal(before, mini.model.visual.proj)  # patched on a copy
+    assert all(torch.equal(v, mini.model.state_dict()[k]) for k, v in before.items())  # patched on a copy
     assert report.text["templates"]["bypasses"] == report.text["templates"]["recognised"] >= 80
     (probe,) = report.probes
     assert not probe.unchanged and probe.test_images == 10  # leave-one-out: an image folder-like set has one split

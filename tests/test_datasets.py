@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from forgetpack.evaluation import datasets as fd
+from forgetpack.evaluation import everyday
 from forgetpack.evaluation.datasets import LabeledImages, image_hash, load_dataset
 from forgetpack.format.errors import ForgetpackError
 
@@ -117,3 +118,46 @@ def test_imagefolder_errors(tmp_path, caplog):
         with pytest.raises(ForgetpackError, match=r"no readable images \(1 unreadable"):
             load_dataset(f"imagefolder:{tmp_path / 'bad'}")
     assert any(m.startswith("skipped unreadable image") and "x.png" in m for m in _warnings(caplog))
+
+
+# ----------------------------------------------------------------------------- everyday things
+
+
+def test_everyday_heldout_sets_ship_in_the_package():
+    """QuickDraw (the declared neighbour groups and all 345) and Fashion-MNIST's official test split load offline."""
+    quickdraw, full, fashion = (load_dataset(n, "test") for n in ("quickdraw", "quickdraw-345", "fashion"))
+    assert len(full.classnames) == 345 and np.all(full.counts() == 25)
+    assert len(quickdraw.classnames) >= 60 and np.all(quickdraw.counts() == 25)
+    for group in everyday.TARGET_GROUPS:
+        assert set(everyday.QUICKDRAW_GROUPS[group]) <= set(quickdraw.classnames), group
+    assert {"cat", "tiger", "lion", "dog", "police car", "teddy-bear", "coffee cup"} <= set(quickdraw.classnames)
+    assert len(fashion) == 10_000 and fashion.classnames == list(everyday.FASHION_NAMES)
+    assert np.all(fashion.counts() == 1000)
+    assert all(im.size == (28, 28) and im.mode == "L" for im in quickdraw.images[:20] + fashion.images[:20])
+    # the declared set is a relabelled subset of the full one: the same drawings
+    cat = full.classnames.index("cat")
+    assert [image_hash(im) for im, y in zip(full.images, full.labels, strict=True) if y == cat] == [
+        image_hash(im) for im, y in zip(quickdraw.images, quickdraw.labels, strict=True) if y == quickdraw.classnames.index("cat")
+    ]
+
+
+@pytest.mark.parametrize("source", ["quickdraw", "fashion"])
+def test_everyday_heldout_never_overlaps_training(source):
+    """No held-out image is a training image: checked by content against the hashes of every training
+    image, recorded beside the held-out split when tools/mini_data.py built both from the same download."""
+    pixels, _, _ = everyday.load_arrays("quickdraw-345" if source == "quickdraw" else "fashion", "test")
+    train = everyday.recorded_train_hashes(source)
+    assert len(train) == {"quickdraw": 25_874, "fashion": 60_000}[source]
+    assert not set(everyday.pixel_hashes(pixels).tolist()) & set(train.tolist())
+
+
+def test_everyday_training_split_is_fetched_not_shipped(tmp_path, monkeypatch):
+    """Without fetched training data the error names the tool that fetches it; with it, the split loads."""
+    monkeypatch.setenv(everyday.TRAINING_DATA_ENV, str(tmp_path))
+    with pytest.raises(ForgetpackError, match="tools/mini_data.py"):
+        load_dataset("fashion", "train")
+    pixels = np.zeros((3, 28, 28), dtype=np.uint8)
+    pixels[1, 0, 0], pixels[2, 0, 0] = 1, 2
+    np.savez_compressed(tmp_path / "fashion-train.npz", pixels=pixels, labels=np.array([0, 1, 9], dtype=np.int16))
+    train = load_dataset("fashion", "train")
+    assert len(train) == 3 and train.classnames[9] == "ankle boot" and list(train.labels) == [0, 1, 9]

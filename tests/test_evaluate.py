@@ -118,6 +118,35 @@ def test_worst_retained_class_is_in_the_json_and_the_table():
     assert EvalReport("toy", [], [], base, None, {}).to_json()["worst_retained_class"] == {}  # nothing to compare
 
 
+def test_nearest_retained_classes_are_shown_beside_the_forgotten_one():
+    """On a set too large for every per-class row, the table still shows the forgotten class and the
+    retained classes nearest it in text space (the neighbours a user expects to survive), marked "(near)"."""
+    from rich.console import Console
+
+    from forgetpack.cli.report import render_table
+
+    names = [f"class{i}" for i in range(30)]
+    angles = np.linspace(0, np.pi, 30)  # class i's text embedding sits next to classes i-1 and i+1
+    text = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    assert ev.nearest_classes(text, [10], k=4) == [9, 11, 8, 12]
+    assert ev.nearest_classes(text, [10, 11], k=2) == [9, 8, 12, 13]  # k for each forgotten class, none forgotten
+    labels = np.repeat(np.arange(30), 4)
+    base = {"big": ev.DatasetResult("big", names, labels, labels.copy(), [], text)}
+    after = labels.copy()
+    after[labels == 10] = 0
+    patched = {"big": ev.DatasetResult("big", names, labels, after, [], text)}
+    from forgetpack.evaluation.harness import _neighbours
+
+    report = EvalReport("toy", ["p"], ["class10"], base, patched, ev.forget_scores(base, patched, ["class10"]),
+                        neighbours=_neighbours(base, ["class10"]))
+    assert report.neighbours == {"big": ["class9", "class11", "class8", "class12", "class7", "class13"]}
+    assert report.to_json()["nearest_retained_classes"] == report.neighbours
+    console = Console(record=True, width=200, markup=False, emoji=False, highlight=False)
+    render_table(report, console=console)
+    text_out = console.export_text()
+    assert "class10 (forgotten)" in text_out and "class11 (near)" in text_out and "class20" not in text_out
+
+
 def test_input_checks():
     data = {"mnist": LabeledImages("mnist", [], np.zeros(0, np.int64), list(DIGIT_NAMES))}
     assert check_forget(["seven", " seven", "three"], data) == ["seven", "three"]

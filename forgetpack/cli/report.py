@@ -58,8 +58,8 @@ def _accuracy_cells(base: float, patched: float | None) -> list[str]:
 def render_table(report: EvalReport, console: Any = None, per_class: bool | None = None) -> None:
     """Print the before/after summary, the scores and per-class accuracy.
 
-    ``per_class=None`` shows per-class rows for datasets of up to 20 classes and only the
-    forgotten classes for larger ones.
+    ``per_class=None`` shows per-class rows for datasets of up to 20 classes and, for larger
+    ones, the forgotten classes and the retained classes nearest them.
     """
     console = console or verbatim_console()
     console.print(_summary(report))
@@ -104,7 +104,8 @@ def _per_class(report: EvalReport, name: str, per_class: bool | None) -> Any:
     b = report.base[name]
     forgotten = set(report.forgotten_indices(name))
     show = per_class if per_class is not None else len(b.classnames) <= 20
-    rows = range(len(b.classnames)) if show else sorted(forgotten)
+    nearest = [b.classnames.index(c) for c in report.neighbours.get(name, [])]
+    rows = range(len(b.classnames)) if show else [*sorted(forgotten), *nearest]
     if not rows:
         return None
     table = _accuracy_table(f"{name}: per-class accuracy", ["class", "n"], report.patched is not None)
@@ -113,6 +114,8 @@ def _per_class(report: EvalReport, name: str, per_class: bool | None) -> Any:
     after_recall = report.patched[name].per_class if report.patched else None
     for i in rows:
         label = f"{b.classnames[i]} (forgotten)" if i in forgotten else b.classnames[i]
+        if not show and i in nearest:
+            label += " (near)"
         after = after_recall[i] if after_recall is not None else None
         table.add_row(label, str(counts[i]), *_accuracy_cells(base_recall[i], after))
     return table

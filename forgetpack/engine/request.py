@@ -30,7 +30,7 @@ DEFAULT_TARGET = TARGETS[0]
 DEFAULT_TARGET_NORM = TARGET_NORMS[0]
 DEFAULT_BACKGROUND = 1.0  # weight of the whole-vocabulary preserve block, relative to the preserve set
 # bypass families ``--harden`` solves against; the model-searching "aliases" family costs minutes, so it is opt-in
-DEFAULT_HARDEN_FAMILIES = ("templates", "surface", "lexicon")
+DEFAULT_HARDEN_FAMILIES = ("templates", "surface", "lexicon", "synonyms")
 BUILTIN_VOCABULARY = "imagenet-1k"  # the name recipes give forgetpack.engine.vocabulary's built-in names
 
 

@@ -8,7 +8,7 @@ reproducible and hardening can put exactly these prompts into the solve.
 
 Families register like solvers, through the ``forgetpack.variant_families`` entry points
 (``name = "module:Class"``, a class with ``name`` and ``variants(name, context)``); the built-in
-ones are ``templates``, ``surface``, ``lexicon`` and, needing the model, ``aliases``
+ones are ``templates``, ``surface``, ``lexicon``, ``synonyms`` and, needing the model, ``aliases``
 (``forgetpack.engine.aliases``). Generating text needs no torch.
 """
 
@@ -32,6 +32,7 @@ DATA = Path(__file__).resolve().parent / "data"
 # copied so that generating them does not import open_clip
 IMAGENET_TEMPLATES_FILE = DATA / "openai_imagenet_templates.txt"
 LEXICON_FILE = DATA / "lexicon.tsv"
+WORDNET_FILE = DATA / "wordnet.tsv"  # WordNet 3.0's synonyms and hyponyms of known classes (tools/build_wordnet.py)
 LABEL_TEMPLATES = ("{}", "a photo of a {}.", "a photo of the {}.")  # how label variants are phrased
 MAX_EDIT2 = 24  # edit-distance-2 misspellings per name (a seeded sample: all of them would be thousands)
 MAX_PER_FAMILY = 400  # variants per name and family, at most
@@ -129,6 +130,34 @@ class LexiconFamily:
         entries = [*builtin_lexicon().get(key, ()), *context.lexicon.get(key, ())]
         labels = {v: "lexicon" for v in entries if v != name}
         return _phrase(self.name, name, labels, context)
+
+
+class SynonymFamily:
+    """Other words for the same thing, from WordNet 3.0: the name's synonyms ("car" -> "automobile")
+    and the kinds below it ("cat" -> "kitty", "tabby"; "dog" -> "puppy"), shipped as a table
+    (``WORDNET_FILE``) for mini's classes and the built-in vocabulary, so nothing is installed at run time."""
+
+    name = "synonyms"
+    needs_model = False
+
+    def variants(self, name: str, context: FamilyContext) -> list[Variant]:
+        labels: dict[str, str] = {}
+        for kind, words in wordnet_table().get(normalize_name(name), {}).items():
+            for word in words:
+                if word != name:
+                    labels.setdefault(word, kind)
+        return _phrase(self.name, name, labels, context)
+
+
+@functools.lru_cache(maxsize=1)
+def wordnet_table() -> dict[str, dict[str, tuple[str, ...]]]:
+    """``WORDNET_FILE`` as normalised name -> kind -> words."""
+    out: dict[str, dict[str, tuple[str, ...]]] = {}
+    for line in WORDNET_FILE.read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith("#"):
+            name, kind, *words = line.split("\t")
+            out.setdefault(normalize_name(name), {})[kind] = tuple(words)
+    return out
 
 
 def _phrase(family: str, name: str, labels: dict[str, str], context: FamilyContext) -> list[Variant]:

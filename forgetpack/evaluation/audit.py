@@ -43,7 +43,7 @@ from forgetpack.format.fit import apply_in_order, targets_of
 from forgetpack.format.names import clean_names, normalize_name
 from forgetpack.format.patch import Patch, display_name, read_patch
 
-BUILTIN_FAMILIES = ("templates", "surface", "lexicon", "aliases")  # their order in reports; others follow, sorted
+BUILTIN_FAMILIES = ("templates", "surface", "lexicon", "synonyms", "aliases")  # their order in reports; others follow, sorted
 MIN_RECOGNISED = 0.5  # base accuracy on the class at which a variant counts as recognised on images
 PROBE_FOLDS = 5  # cross-validation folds when a dataset has no separate train split (image folders)
 

