@@ -158,7 +158,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(capsys, tmp_path, export_dir,
         "unknown runtime backend 'nope'": ["classify", str(export_dir), image, "--labels", "a,b", "--backend", "nope"],
         "exactly once": ["classify", str(export_dir), image, "--labels", "a,b", "--template", "a photo"],
         "patch not found": ["classify", str(export_dir), image, "--labels", "a,b", "--patch", str(tmp_path / "x.fpatch.safetensors")],
-        "directory exists and is not empty": ["export", "mini", "-o", str(export_dir)],
+        "exists: pass --force to replace it": ["export", "mini", "-o", str(export_dir)],
         "unknown model spec": ["export", "nonsense", "-o", str(tmp_path / "out")],
         "not an export directory": ["classify", "/no/such/dir", image, "--labels", "a", "--backend", "onnx"],
     }

@@ -179,7 +179,7 @@ def test_export_refuses_bad_requests(tmp_path, loaded):
         export_loaded(loaded, tmp_path / "c", quantize="int4")
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "keep.txt").write_text("x")
-    with pytest.raises(ForgetpackError, match="not empty"):
+    with pytest.raises(ForgetpackError, match="exists: pass --force to replace it"):
         export_loaded(loaded, tmp_path / "d")
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary directory left behind
 

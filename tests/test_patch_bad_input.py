@@ -171,8 +171,10 @@ def test_existing_output_is_never_torn(setup, capsys) -> None:
     tmp, _ = setup
     existing = tmp / "existing.safetensors"
     existing.write_bytes(b"precious")
-    code, _ = run_cli(capsys, "apply", tmp / "other_base.safetensors", tmp / "good.fpatch.safetensors", "-o", existing)
-    assert code != 0 and existing.read_bytes() == b"precious"
+    code, err = run_cli(capsys, "apply", tmp / "other_base.safetensors", tmp / "good.fpatch.safetensors", "-o", existing)
+    assert_one_line_error(code, err, f"{existing} exists: pass --force to replace it")
+    code, _ = run_cli(capsys, "apply", tmp / "other_base.safetensors", tmp / "good.fpatch.safetensors", "-o", existing, "--force")
+    assert code != 0 and existing.read_bytes() == b"precious"  # with --force, a run that fails still leaves it whole
     with pytest.raises(RuntimeError), atomic_output(existing) as handle:
         handle.write(b"half of a new fi")
         raise RuntimeError("disk died")

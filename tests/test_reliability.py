@@ -212,7 +212,8 @@ def test_an_unwritable_destination_is_one_line_and_keeps_the_old_file(tmp_path: 
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(fileio.os, "fsync", full_disk)
-    line = one_line_error(capsys, "apply", tmp_path / "base.safetensors", tmp_path / "a.fpatch", "-o", tmp_path / "out.safetensors")
+    line = one_line_error(capsys, "apply", tmp_path / "base.safetensors", tmp_path / "a.fpatch", "-o", tmp_path / "out.safetensors",
+                          "--force")
     assert "No space left on device" in line and "out.safetensors" in line
     assert (tmp_path / "out.safetensors").read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left

@@ -101,7 +101,7 @@ def test_apply_killed_anywhere_leaves_the_old_or_the_new_checkpoint(tmp_path: Pa
     for _ in range(30):
         if out.read_bytes() != old_bytes:  # the last run finished: start from the old checkpoint again
             shutil.copy(tmp_path / "old.safetensors", out)
-        process = subprocess.Popen([*command, str(tmp_path / "new.fpatch"), "-o", str(out)])
+        process = subprocess.Popen([*command, str(tmp_path / "new.fpatch"), "-o", str(out), "--force"])
         time.sleep(rng.uniform(0, 1.3 * duration))  # a few runs finish before the kill
         process.send_signal(signal.SIGKILL)
         process.wait()
@@ -109,7 +109,7 @@ def test_apply_killed_anywhere_leaves_the_old_or_the_new_checkpoint(tmp_path: Pa
         assert data in (old_bytes, new_bytes)
         seen.add(data == new_bytes)
     assert False in seen  # most kills land before the rename (some after: timing decides, the bytes never do)
-    subprocess.run([*command, str(tmp_path / "new.fpatch"), "-o", str(out)], check=True)
+    subprocess.run([*command, str(tmp_path / "new.fpatch"), "-o", str(out), "--force"], check=True)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.safetensors.")]
 
 

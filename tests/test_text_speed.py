@@ -214,7 +214,7 @@ def cold_run(tiny, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FORGETPACK_CACHE", str(cache))
         features.clear_memory_cache()
-        result = run_with_model(f"{TINY}:{path}", lambda loaded: forget(loaded, ["cat"]))
+        result = run_with_model(f"{TINY}:{path}", lambda loaded: forget(loaded, ["cat"], allow_unknown=True))
         features.clear_memory_cache()
     return f"{TINY}:{path}", cache, result.patch
 
@@ -229,7 +229,7 @@ def test_warm_forget_builds_no_model_and_gives_the_same_patch(cold_run, monkeypa
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a warm run built the model"))
     features.clear_memory_cache()  # features come from disk, as in a new process
     seen = []
-    warm = run_with_model(spec, lambda loaded: seen.append(loaded) or forget(loaded, ["cat"]))
+    warm = run_with_model(spec, lambda loaded: seen.append(loaded) or forget(loaded, ["cat"], allow_unknown=True))
     assert isinstance(seen[0].model, WeightsOnlyModel)
     assert replace(warm.patch, created=cold.created).to_bytes() == cold.to_bytes()  # bit-identical but the time
 
@@ -245,7 +245,7 @@ def test_warm_forget_falls_back_to_the_model_when_it_must_encode(cold_run, tiny,
     monkeypatch.setenv("FORGETPACK_CACHE", str(cache))
     built = []
     monkeypatch.setattr(models, "load_model", lambda s: built.append(s) or tiny)
-    run_with_model(spec, lambda loaded: forget(loaded, ["cat"], vocabulary=("zeppelin hangar",)))
+    run_with_model(spec, lambda loaded: forget(loaded, ["cat"], vocabulary=("zeppelin hangar",), allow_unknown=True))
     assert built == [spec]  # a prompt the cache lacked: the model was built, once
     path = Path(spec.split(":", 1)[1])
     stat = path.stat()
@@ -264,7 +264,7 @@ def test_warm_forget_in_a_new_process_imports_no_torch(cold_run, tmp_path):
     spec, cache, cold = cold_run
     out = tmp_path / "warm.fpatch.safetensors"
     script = ("import json, sys; from forgetpack.cli.main import main; "
-              f"rc = main(['forget', {spec!r}, '--forget', 'cat', '-o', {str(out)!r}, '--json']); "
+              f"rc = main(['forget', {spec!r}, '--forget', 'cat', '--allow-unknown', '-o', {str(out)!r}, '--json']); "
               "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules, 'open_clip': 'open_clip' in sys.modules}), file=sys.stderr)")
     done = subprocess.run([sys.executable, "-c", script], env=_env(cache), capture_output=True, text=True, timeout=120)
     status = json.loads(done.stderr.strip().splitlines()[-1])
@@ -285,11 +285,11 @@ def test_a_pretrained_tag_runs_warm_from_the_file_open_clip_loaded(cold_run, mon
     spec, cache, cold = cold_run
     monkeypatch.setenv("FORGETPACK_CACHE", str(cache))
     monkeypatch.setitem(open_clip.pretrained._PRETRAINED, TINY, {"local": {"file": spec.split(":", 1)[1]}})
-    tagged = run_with_model(f"{TINY}:local", lambda loaded: forget(loaded, ["cat"]))  # cold: features cached already
+    tagged = run_with_model(f"{TINY}:local", lambda loaded: forget(loaded, ["cat"], allow_unknown=True))  # cold: features cached already
     features.clear_memory_cache()
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a warm run built the model"))
     seen = []
-    warm = run_with_model(f"{TINY}:local", lambda loaded: seen.append(loaded) or forget(loaded, ["cat"]))
+    warm = run_with_model(f"{TINY}:local", lambda loaded: seen.append(loaded) or forget(loaded, ["cat"], allow_unknown=True))
     assert isinstance(seen[0].model, WeightsOnlyModel) and warm.patch.model == f"{TINY}:local"
     assert replace(warm.patch, created=tagged.patch.created).to_bytes() == tagged.patch.to_bytes()
     assert np.array_equal(warm.patch.layers[0].up, cold.layers[0].up)  # same weights, same solve as the checkpoint

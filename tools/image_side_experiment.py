@@ -42,6 +42,7 @@ import dataclasses
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -407,13 +408,18 @@ def print_row(row: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="write every number here")
+    parser.add_argument("--model", default="mini", help="a model spec whose image tower is a ViT (visual.proj)")
     args = parser.parse_args()
     if args.json:
         check_output_file(args.json, "JSON results")
 
     print(f"CPU: {cpu_name()} ({os.cpu_count()} cores visible)", flush=True)
     t0 = time.perf_counter()
-    loaded = load_model("mini")
+    loaded = load_model(args.model)
+    if find_projection(loaded.model, "image").rule != "vit":
+        # measured (docs/engine.md, "The image side") when mini's tower was a ViT; since mini learned
+        # everyday things its tower is a ModifiedResNet, whose projection is the attention pool's output
+        sys.exit(f"{args.model}: this experiment needs a ViT image tower (visual.proj); give --model ARCH:PATH of one")
     data = {s: {"test": load_dataset(s, "test"), "train": subsample(load_dataset(s, "train"), GALLERY)} for s in SETS}
     x = {s: {k: visual_features(loaded, d) for k, d in splits.items()} for s, splits in data.items()}
     M_v = find_projection(loaded.model, "image").feature_form(projection_matrix(loaded.model, find_projection(loaded.model, "image")))

@@ -21,6 +21,7 @@ from forgetpack.engine.preserve import DEFAULT_AUTO_K, DEFAULT_NEIGHBOURS
 from forgetpack.engine.solvers import Weights, find_solver
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.names import FORGET_TEMPLATES, check_disjoint, check_templates, clean_names, normalize_name
+from forgetpack.format.patch import Patch, display_name
 
 ENGINE_VERSION = 1  # recorded in every recipe
 DEFAULT_SOLVER = "closed-form"
@@ -53,6 +54,7 @@ class ForgetRequest:
     background: float = DEFAULT_BACKGROUND
     verify: bool = True  # False: no strengthening loop (the effect is still measured)
     harden: Sequence[str] = ()  # bypass families to solve against until clean (forgetpack.engine.harden); () is off
+    allow_unknown: bool = False  # forget names the model does not know (forgetpack.engine.known) instead of refusing
 
     def __post_init__(self) -> None:
         forget = clean_names(self.forget, "forget")
@@ -107,7 +109,8 @@ class ForgetRequest:
     def from_recipes(cls, recipes: Sequence[Recipe], **overrides: Any) -> ForgetRequest:
         """The union of recorded requests (what ``compose`` solves): every forget name, every
         preserve name nobody forgets, every template; solver, target and seed of the first.
-        ``overrides`` that are not None replace what the recipes say."""
+        ``overrides`` that are not None replace what the recipes say. Every recipe must record a
+        request (``check_composable``)."""
         forget = _unique(n for r in recipes for n in r.forget)
         gone = {normalize_name(n) for n in forget}
         first = recipes[0]
@@ -123,6 +126,28 @@ class ForgetRequest:
         }
         options.update({k: v for k, v in overrides.items() if v is not None})
         return cls(forget, **options)
+
+
+def check_composable(patches: Sequence[Patch]) -> list[Recipe]:
+    """The recorded requests of ``patches``, or a one-line error: what the files alone can tell
+    about ``compose`` before a model is loaded (each must record a forgetting recipe, not be a
+    stack of patches, and all must be made for one model). Callers: ``engine.solve.compose`` and
+    the CLI's ``compose``, before it loads the model."""
+    if not patches:
+        raise ForgetpackError("nothing to compose")
+    for p in patches:
+        where = f"{display_name(p)} (a patch for {p.model!r})"
+        if p.components:
+            raise ForgetpackError(f"{where}: is a stack of {len(p.components)} patches and records no forgetting recipe "
+                                  "of its own; compose the patches it was stacked from")
+        if not isinstance(p.recipe.get("forget"), list) or p.recipe.get("engine") is None:
+            raise ForgetpackError(f"{where}: records no forgetting recipe, so there is nothing to solve again")
+    first = patches[0]
+    for p in patches[1:]:
+        if p.model != first.model:
+            raise ForgetpackError(f"{display_name(p)}: made for model {p.model!r}, but {display_name(first)} "
+                                  f"for {first.model!r}: compose patches of one model")
+    return [Recipe.from_json(p.recipe) for p in patches]
 
 
 def _unique(names: Iterable[str]) -> list[str]:

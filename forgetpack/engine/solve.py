@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from forgetpack.engine import harden, ranks
+from forgetpack.engine.known import check_known
 from forgetpack.engine.measure import (
     SolveContext,
     TextSpace,
@@ -39,7 +40,7 @@ from forgetpack.engine.measure import (
     probe_templates,
 )
 from forgetpack.engine.preserve import Neighbourhood, find_neighbourhood
-from forgetpack.engine.request import Effect, ForgetRequest, Recipe
+from forgetpack.engine.request import Effect, ForgetRequest, Recipe, check_composable
 from forgetpack.engine.solvers import Problem, Solution, Solver, Weights, get_solver
 from forgetpack.engine.targets import forget_targets
 from forgetpack.format.errors import ForgetpackError
@@ -89,7 +90,9 @@ def forget(loaded: Any, request: ForgetRequest | Sequence[str], *, progress: Pro
     ``forget(loaded, ["seven"], solver="paper")`` is shorthand for
     ``forget(loaded, ForgetRequest(["seven"], solver="paper"))``. The candidates are the built-in
     vocabulary, the model's own class names (``LoadedModel.vocabulary``) and the request's.
-    ``progress`` is called as prompts are encoded (the library itself prints nothing).
+    ``progress`` is called as prompts are encoded (the library itself prints nothing). A forget
+    name the model does not know is a ``ForgetpackError`` unless ``request.allow_unknown``
+    (``forgetpack.engine.known``); the report's ``recognition`` says what was checked and found.
     """
     from forgetpack.engine import vocabulary as vocab
     from forgetpack.engine.projections import find_projection, projection_bias, projection_matrix
@@ -106,9 +109,13 @@ def forget(loaded: Any, request: ForgetRequest | Sequence[str], *, progress: Pro
     space = TextSpace({}, proj.feature_form(W), projection_bias(loaded.model, proj))
     pool = tuple(vocab.vocabulary([*model_names, *request.vocabulary, *(request.preserve or [])], exclude=request.forget))
 
+    # 0. names the model does not know are refused (or, allowed, reported) before anything is solved
+    t0 = time.perf_counter()
+    recognition = check_known(loaded, request.forget, extra=request.vocabulary, allow_unknown=request.allow_unknown,
+                              features=lambda names: _features(loaded, space, names, progress))
     # 1. bare-name features of the vocabulary, forget and preserve names: neighbours and aliases
-    timings = {"encode_vocabulary": _encode(loaded, space, [*request.forget, *pool, ""], progress),
-               "encode_templates": 0.0, "solve": 0.0}
+    _encode(loaded, space, [*request.forget, *pool, ""], progress)
+    timings = {"encode_vocabulary": time.perf_counter() - t0, "encode_templates": 0.0, "solve": 0.0}
     hood = _neighbourhood(space, request, pool)
     if request.harden:
         hood = harden.with_declared_classes(hood, loaded.vocabulary, request.forget)
@@ -160,6 +167,7 @@ def forget(loaded: Any, request: ForgetRequest | Sequence[str], *, progress: Pro
         "rank": solved.solution.rank,
         "timings": timings,
         "prompts": len(space.features),
+        "recognition": recognition.to_json(),
     }
     return ForgetResult(patch, report, solved.solution)
 
@@ -199,6 +207,12 @@ def _encode(loaded: Any, space: TextSpace, prompts: list[str], progress: Progres
     if todo:
         space.features.update(zip(todo, text_features(loaded, todo, progress=progress), strict=True))
     return time.perf_counter() - t0
+
+
+def _features(loaded: Any, space: TextSpace, names: Sequence[str], progress: Progress | None) -> np.ndarray:
+    """Bare features of ``names``, encoded into ``space`` where it lacks them (forget encodes them anyway)."""
+    _encode(loaded, space, list(names), progress)
+    return space.features_of(names)
 
 
 def _neighbourhood(space: TextSpace, request: ForgetRequest, pool: Sequence[str]) -> Neighbourhood:
@@ -355,21 +369,19 @@ def compose(loaded: Any, patches: Sequence[Patch], *, progress: Progress | None 
     name and every preserve name at once, so requests that interact (one patch's forget name
     near another's preserve name) are handled together. A name one patch forgets and another
     preserves is forgotten. ``overrides`` (``solver=``, ``rank=``, ...; None is ignored) replace
-    what the recipes say. Every patch must fit this model (``forgetpack.format.fit``).
+    what the recipes say (``allow_unknown=True`` lets names the model does not know through, as
+    ``forget``'s). Every patch must fit this model (``forgetpack.format.fit``).
     """
     from forgetpack.engine.projections import find_projection, projection_matrix
 
-    if not patches:
-        raise ForgetpackError("nothing to compose")
+    recipes = check_composable(patches)
     proj = find_projection(loaded.model, "text")
     targets = targets_of({proj.target: projection_matrix(loaded.model, proj)}, layouts={proj.target: proj.layout})
     for p in patches:
-        if "forget" not in p.recipe or p.recipe.get("engine") is None:
-            raise ForgetpackError(f"{display_name(p)}: the patch records no forgetting recipe (a stacked patch? compose its components' originals)")
         if p.model != loaded.model_id:
             raise ForgetpackError(f"{display_name(p)}: made for model {p.model!r}, not {loaded.model_id!r}")
         check_fit(p, targets, model=loaded.model_id)
-    request = ForgetRequest.from_recipes([Recipe.from_json(p.recipe) for p in patches], **overrides)
+    request = ForgetRequest.from_recipes(recipes, **overrides)
     result = forget(loaded, request, progress=progress)
     result.report["composed_from"] = [p.digest for p in patches]
     return result

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from forgetpack.evaluation.metrics import TASK, json_number
 from forgetpack.format.errors import ForgetpackError
-from forgetpack.format.fileio import write_bytes_atomic
+from forgetpack.format.fileio import check_output_file, write_bytes_atomic
 
 if TYPE_CHECKING:
     from forgetpack.evaluation.harness import EvalReport
@@ -66,16 +66,20 @@ def file_name(entry: dict[str, Any]) -> str:
     return "_".join(re.sub(r"[^\w.+-]+", "-", part, flags=re.ASCII) for part in parts) + ".json"
 
 
-def write_results(report: EvalReport, folder: str | os.PathLike[str]) -> list[Path]:
+def write_results(report: EvalReport, folder: str | os.PathLike[str], replace: bool = True) -> list[Path]:
     """Write :func:`results` into ``folder`` (created if missing), each file atomically; returns the paths.
 
-    Files of other runs in the folder are kept, so one folder can collect many patch sets.
+    Files of other runs in the folder are kept, so one folder can collect many patch sets. Without
+    ``replace`` a file of this run already there is refused (the overwrite rule), before any is written.
     """
     folder = Path(folder)
     entries = results(report)
     paths = [folder / file_name(e) for e in entries]
     if len(set(paths)) != len(paths):
         raise ForgetpackError("two datasets would share one CLIP_benchmark file name; rename one of them")
+    if folder.is_dir():
+        for path in paths:
+            check_output_file(path, "CLIP_benchmark result", replace=replace)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for path, entry in zip(paths, entries, strict=True):

@@ -50,6 +50,10 @@ class EvalReport:
     patch_digests: list[str] = field(default_factory=list)  # content digests of ``patches``, in order
     # Per dataset holding a forgotten class: the retained classes nearest it in base text space.
     neighbours: dict[str, list[str]] = field(default_factory=dict)
+    # With no forget names given: ``forget`` is what the patches record (``recorded_forget``), and
+    # these are the recorded names no evaluated dataset holds.
+    forget_from_patches: bool = False
+    recorded_elsewhere: list[str] = field(default_factory=list)
 
     @property
     def datasets(self) -> list[str]:
@@ -91,6 +95,7 @@ class EvalReport:
             "patches": self.patches,
             "patch_digests": self.patch_digests,
             "forget": self.forget,
+            "forget_from": "patches" if self.forget_from_patches else "given",
             "results": results,
             "forgetting": {k: v.to_json() for k, v in self.scores.items()},
             "worst_retained_class": {k: v.to_json() for k, v in self.worst_retained.items()},
@@ -182,6 +187,18 @@ def check_forget(forget: Sequence[str], data: dict[str, LabeledImages]) -> list[
     return names
 
 
+def recorded_forget(patches: Sequence[Patch]) -> list[str]:
+    """The names the patches were made to forget, in order: each recipe's ``forget``, and a
+    stacked patch's components' (``format.patch.stack`` keeps their recipes)."""
+    names: list[str] = []
+    for p in patches:
+        for recipe in (p.recipe, *(c.get("recipe") or {} for c in p.components if isinstance(c, dict))):
+            found = recipe.get("forget") if isinstance(recipe, dict) else None
+            if isinstance(found, list):
+                names.extend(str(n) for n in found)
+    return list(dict.fromkeys(names))
+
+
 def _read_patches(patches: Sequence[Any]) -> list[Patch]:
     from forgetpack.format.patch import Patch, read_patch
 
@@ -217,7 +234,7 @@ def _neighbours(base: dict[str, DatasetResult], forget: Sequence[str]) -> dict[s
 def evaluate(
     model: Any,
     patches: Sequence[Any] = (),
-    forget: Sequence[str] = (),
+    forget: Sequence[str] | None = None,
     datasets: Sequence[str | LabeledImages] = BUILTIN,
     templates: Sequence[str] | None = None,
     *,
@@ -228,19 +245,33 @@ def evaluate(
 
     ``patches`` are paths or :class:`forgetpack.format.patch.Patch` objects, applied in order.
     ``forget`` names the classes the patches are meant to remove (for the forgetting
-    scores). ``templates`` override each dataset's default prompt(s); several templates
-    are ensembled. A loaded model passed in is never modified: patches go on a copy.
+    scores); None means the names the patches record, those an evaluated dataset holds (without
+    them a forgotten class would be scored as a retained one). ``templates`` override each
+    dataset's default prompt(s); several templates are ensembled. A loaded model passed in is
+    never modified: patches go on a copy. Every patch is checked against the model (the fit
+    rule) before any image is encoded.
     """
     data = resolve_datasets(datasets)
-    forget = check_forget(forget, data)
+    patch_objects = _read_patches(patches)
+    elsewhere: list[str] = []
+    forget_from_patches = forget is None
+    if forget is None:
+        recorded = recorded_forget(patch_objects)
+        forget = [n for n in recorded if any(n in d.classnames for d in data.values())]
+        elsewhere = [n for n in recorded if n not in forget]
+    else:
+        forget = check_forget(forget, data)
     if templates:
         chosen = check_templates(templates)
         per_dataset = {k: list(chosen) for k in data}
     else:
         per_dataset = {k: list(d.templates) for k, d in data.items()}
-    patch_objects = _read_patches(patches)
     loaded, owned = _as_loaded(model, device)
     model_id = str(getattr(loaded, "model_id", model if isinstance(model, str) else "model"))
+    if patch_objects:  # a patch for another model is refused now, not after the base is evaluated
+        from forgetpack.engine.torch_patch import patched_matrices
+
+        patched_matrices(loaded.model, patch_objects, name=model_id)
 
     fingerprint = vision_fingerprint(loaded.model, loaded.preprocess)
     base = _predict_all(loaded, data, per_dataset, device, batch_size, fingerprint)
@@ -249,7 +280,7 @@ def evaluate(
         from forgetpack.engine.torch_patch import apply_patches
 
         target = loaded if owned else _Loaded(copy.deepcopy(loaded.model), loaded.preprocess, loaded.tokenizer, model_id)
-        apply_patches(target.model, patch_objects)
+        apply_patches(target.model, patch_objects, name=model_id)
         touches_vision = any(t.startswith("visual.") for p in patch_objects for t in p.targets)
         patched_fp = vision_fingerprint(target.model, target.preprocess) if touches_vision else fingerprint
         patched = _predict_all(target, data, per_dataset, device, batch_size, patched_fp)
@@ -264,4 +295,6 @@ def evaluate(
         skipped={k: len(d.skipped) for k, d in data.items() if d.skipped},
         patch_digests=[p.digest for p in patch_objects],
         neighbours=_neighbours(base, forget),
+        forget_from_patches=bool(patch_objects) and forget_from_patches,
+        recorded_elsewhere=elsewhere,
     )

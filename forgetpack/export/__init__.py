@@ -157,8 +157,9 @@ def _graph_id(model_id: str, base: dict[str, str], current: dict[str, str], patc
 
 
 def _patch_entry(patch: Patch) -> dict[str, Any]:
+    """A baked-in patch as the manifest records it; ``recipe`` lets the runtime refuse a regenerated duplicate."""
     return {"digest": patch.digest, "model": patch.model, "targets": sorted(patch.targets),
-            "forget": list(patch.recipe.get("forget", [])), "key_id": patch.key_id}
+            "forget": list(patch.recipe.get("forget", [])), "key_id": patch.key_id, "recipe": patch.recipe_key}
 
 
 def _versions() -> dict[str, str]:

@@ -81,7 +81,8 @@ def export_tower(
     sequence = sequence_kind(model) if tower == "text" else None
     module = text_encoder(model) if sequence is not None else reference
     input_name, input_dtype = INPUTS[tower]
-    proto = _to_onnx(module, tower, example, input_name, opset, max_sequence(model) if sequence is not None else None)
+    with single_query_pool(model if tower == "image" else None):
+        proto = _to_onnx(module, tower, example, input_name, opset, max_sequence(model) if sequence is not None else None)
     strip_prefix(proto, "model.")
     node, bias = projection_node(proto, tower, proj)
     matrix = initializer(proto, proj.target)
@@ -111,6 +112,40 @@ def export_tower(
         base=base_fp, current=current_fp, bias=bias, reproject=reproject,
     )
     return spec, entry, check
+
+
+@contextlib.contextmanager
+def single_query_pool(model: Any) -> Iterator[None]:
+    """While exporting, a ModifiedResNet's attention pool computes only the query it keeps.
+
+    open_clip's ``AttentionPool2d`` attends from every token and returns token 0's output, so its
+    projection (``attnpool.c_proj``, the patchable matrix) sees tokens × batch rows and the graph's
+    ``features`` would not be one row per image. Token 0's query alone gives the same numbers (the
+    export checks them against ``encode_image``) and one projected row per image. Other towers: no-op."""
+    import torch
+    import torch.nn.functional as F
+
+    pool = getattr(getattr(model, "visual", None), "attnpool", None)
+    if pool is None or not hasattr(pool, "c_proj"):
+        yield
+        return
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(start_dim=2).permute(2, 0, 1)  # NCHW -> (HW)NC
+        x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0) + pool.positional_embedding[:, None, :].to(x.dtype)
+        tokens, width, heads = x.shape[0], x.shape[-1], pool.num_heads
+        head = width // heads
+        q = F.linear(x[0], pool.q_proj.weight, pool.q_proj.bias).reshape(-1, heads, 1, head) * head**-0.5
+        k = F.linear(x, pool.k_proj.weight, pool.k_proj.bias).reshape(tokens, -1, heads, head).permute(1, 2, 3, 0)
+        v = F.linear(x, pool.v_proj.weight, pool.v_proj.bias).reshape(tokens, -1, heads, head).permute(1, 2, 0, 3)
+        attended = (torch.softmax(q @ k, dim=-1) @ v).reshape(-1, width)  # N, C: one row per image
+        return F.linear(attended, pool.c_proj.weight, pool.c_proj.bias)
+
+    pool.forward = forward
+    try:
+        yield
+    finally:
+        del pool.forward
 
 
 def _encoder(model: Any, tower: str) -> torch.nn.Module:

@@ -28,7 +28,7 @@ import numpy as np
 
 from forgetpack.format.errors import CheckpointError, PatchError
 from forgetpack.format.fileio import RawTensor, read_safetensors, save_safetensors
-from forgetpack.format.fit import TargetInfo, apply_in_order, check_fit, display_name
+from forgetpack.format.fit import TargetInfo, apply_in_order, check_fit, display_name, patchable_names, recorded_marks
 from forgetpack.format.patch import Patch, fingerprint
 
 RECORD_KEY = "forgetpack"
@@ -40,7 +40,7 @@ class Record:
     """What a patched checkpoint says about itself."""
 
     base: dict[str, str] = field(default_factory=dict)  # target -> base fingerprint
-    applied: list[dict[str, Any]] = field(default_factory=list)  # [{digest, model, after}]
+    applied: list[dict[str, Any]] = field(default_factory=list)  # [{digest, model, after, recipe?}]
     current: dict[str, str] = field(default_factory=dict)  # target -> fingerprint now
     exact: bool = True  # False once an inexact (base-less) revert has happened
 
@@ -121,8 +121,8 @@ class Checkpoint:
 
     @property
     def applied(self) -> list[str]:
-        """Digests of the patches applied to this checkpoint, in order."""
-        return [e["digest"] for e in self.record.applied] if self.record else []
+        """What the fit check needs to refuse a patch already applied: digests and recipe keys (``fit.marks``)."""
+        return recorded_marks(self.record.applied) if self.record else []
 
     def targets(self, names: Sequence[str]) -> dict[str, TargetInfo]:
         """The named matrices as the fit check sees them: shape and base fingerprint."""
@@ -146,7 +146,8 @@ def check_fits(patch: Patch, checkpoint: Checkpoint) -> None:
     names = sorted(patch.targets)
     present = [n for n in names if n in checkpoint.tensors]
     state = checkpoint.fingerprints(present) if patch.parent is not None else None
-    check_fit(patch, checkpoint.targets(present), model=str(checkpoint.path), state=state, applied=checkpoint.applied)
+    check_fit(patch, checkpoint.targets(present), model=str(checkpoint.path), state=state, applied=checkpoint.applied,
+              patchable=patchable_names(checkpoint.tensors))
 
 
 def patched_tensors(checkpoint: Checkpoint, patches: Sequence[Patch]) -> tuple[dict[str, RawTensor], Record]:
@@ -159,10 +160,11 @@ def patched_tensors(checkpoint: Checkpoint, patches: Sequence[Patch]) -> tuple[d
     record.base.update({n: t.base for n, t in targets.items()})
     current = {n: checkpoint.matrix(n) for n in names}
     for patch in patches:
-        current = apply_in_order(current, [patch], targets, model=str(checkpoint.path),
-                                 applied=[e["digest"] for e in record.applied])
+        current = apply_in_order(current, [patch], targets, model=str(checkpoint.path), applied=recorded_marks(record.applied),
+                                 patchable=patchable_names(checkpoint.tensors))
         after = {n: fingerprint(current[n]) for n in sorted(patch.targets)}
-        record.applied.append({"digest": patch.digest, "model": patch.model, "after": after})
+        entry = {"digest": patch.digest, "model": patch.model, "after": after}
+        record.applied.append(entry if patch.recipe_key is None else {**entry, "recipe": patch.recipe_key})
         record.current.update(after)
     tensors = dict(checkpoint.tensors)
     tensors.update({n: RawTensor.from_array(m) for n, m in current.items()})

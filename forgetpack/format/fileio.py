@@ -25,7 +25,7 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -81,15 +81,46 @@ class RawTensor:
         return np.frombuffer(self.data, dtype=dt).reshape(self.shape).copy()
 
 
-def check_output_file(path: str | os.PathLike[str], what: str = "output") -> Path:
-    """Fail before any work if a file could not be written at ``path`` (one clear line)."""
+Inputs = Iterable[tuple[str, str | os.PathLike[str] | None]]  # (what it is, path): a command's own inputs
+
+
+def check_output_file(path: str | os.PathLike[str], what: str = "output", *, replace: bool = True,
+                      inputs: Inputs = ()) -> Path:
+    """Fail before any work if a file could not be written at ``path`` (one clear line).
+
+    This is the one overwrite rule of every command that writes a file: with ``replace=False`` (a
+    command without ``--force``) an existing file is refused, and an output that is one of the
+    command's own ``inputs`` (the same path, or the same file through a link) is refused always,
+    since replacing it would destroy what the run reads (``apply BASE P -o BASE`` loses the base
+    that ``revert --base`` needs). Library writes (caches, ``Patch.save``) replace by default.
+    """
     path = Path(path)
     if path.is_dir():
         raise ForgetpackError(f"{path} is a directory; give a file name for the {what}")
     parent = path.resolve().parent
     if not parent.is_dir():
         raise ForgetpackError(f"{path}: output directory {parent} does not exist")
+    _check_not_input(path, inputs, inside=False)
+    if not replace and (path.exists() or path.is_symlink()):
+        raise ForgetpackError(f"{path} exists: pass --force to replace it")
     return path
+
+
+def _check_not_input(out: Path, inputs: Inputs, inside: bool) -> None:
+    """Refuse an output that is one of the inputs (resolved, or the same file by ``samefile``); for a
+    folder output (``inside``), also one that holds an input, since replacing the folder removes it."""
+    target = out.resolve()
+    for role, given in inputs:
+        if given is None:
+            continue
+        source = Path(given).expanduser()
+        resolved = source.resolve()
+        same = resolved == target or (inside and target in resolved.parents)
+        if not same and out.exists() and source.exists():
+            with contextlib.suppress(OSError):
+                same = os.path.samefile(out, source)  # hard links, bind mounts
+        if same:
+            raise ForgetpackError(f"{out} is also an input of this command ({role}): write elsewhere")
 
 
 def check_input_file(path: str | os.PathLike[str], what: str = "file",
@@ -106,13 +137,15 @@ def check_input_file(path: str | os.PathLike[str], what: str = "file",
     return path
 
 
-def check_output_dir(path: str | os.PathLike[str], replace: bool = False) -> Path:
-    """Fail before any work if a folder could not be published at ``path``."""
+def check_output_dir(path: str | os.PathLike[str], replace: bool = False, *, inputs: Inputs = ()) -> Path:
+    """Fail before any work if a folder could not be published at ``path``: the rule of
+    :func:`check_output_file` for folders (an empty folder counts as free; one that is or holds an input is refused)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ForgetpackError(f"{path}: exists and is not a directory")
+    _check_not_input(path, inputs, inside=True)
     if path.is_dir() and any(path.iterdir()) and not replace:
-        raise ForgetpackError(f"{path}: directory exists and is not empty (use --force to replace it)")
+        raise ForgetpackError(f"{path} exists: pass --force to replace it")
     if not path.resolve().parent.is_dir():
         raise ForgetpackError(f"{path}: parent directory {path.resolve().parent} does not exist")
     return path
@@ -189,7 +222,7 @@ def _publish_directory(tmp: Path, out: Path, replace: bool) -> None:
         os.rename(tmp, out)
     except OSError as exc:
         if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-            raise ForgetpackError(f"{out}: appeared while this run was writing it; left as it is (use --force to replace it)") from None
+            raise ForgetpackError(f"{out} exists (it appeared while this run was writing it): pass --force to replace it") from None
         raise
 
 

@@ -94,6 +94,8 @@ def validate_manifest(data: dict[str, Any], where: str) -> None:
         raise c.fail("patches", "must be a list")
     for i, entry in enumerate(patches):
         c.fingerprint(c.mapping(entry, f"patches[{i}]").get("digest"), f"patches[{i}].digest")
+        if entry.get("recipe") is not None:  # absent from older exports and for a patch without a recipe
+            c.fingerprint(entry["recipe"], f"patches[{i}].recipe")
     towers = c.mapping(data.get("towers"), "towers")
     if not towers:
         raise c.fail("towers", "lists no tower")

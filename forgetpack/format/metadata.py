@@ -6,8 +6,10 @@ builds on it without a cycle.
 from __future__ import annotations
 
 import base64
+import datetime as _dt
 import hashlib
 import json
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +41,40 @@ def digest(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> st
     unsigned = {k: v for k, v in metadata.items() if k not in UNSIGNED_KEYS}
     h.update(dumps(unsigned).encode())
     return "sha256:" + h.hexdigest()
+
+
+def recipe_key(recipe: Mapping[str, Any], base: Mapping[str, str]) -> str | None:
+    """Which request a patch answers, on which base: sha256 over the canonical JSON of its recipe and
+    base fingerprints; None for a patch that records no recipe.
+
+    The one recipe comparison: every "already applied / baked in" guard compares these as well as
+    digests, since a duplicate solved again (another machine, another version's measured effect, a
+    signature) has another digest but the same request, and applying it would move the same names again.
+    """
+    if not recipe:
+        return None
+    canonical = dumps({"base": dict(sorted(base.items())), "recipe": recipe})
+    return "sha256:" + hashlib.sha256(b"forgetpack.patch.recipe.v1\n" + canonical.encode()).hexdigest()
+
+
+def recipe_names(recipe: Mapping[str, Any], components: Any = ()) -> str:
+    """The forget names of a recipe (a stacked patch's: its components'), for messages."""
+    recipes = [recipe, *(c.get("recipe") or {} for c in components if isinstance(c, dict))]
+    names = [str(n) for r in recipes if isinstance(r.get("forget"), list) for n in r["forget"]]
+    return ", ".join(dict.fromkeys(names)) or "no names recorded"
+
+
+def creation_time() -> str:
+    """``created`` for a new patch: empty unless ``SOURCE_DATE_EPOCH`` asks for one, so the same request on
+    the same base gives the same bytes (and digest) wherever and whenever it is solved."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if not epoch:
+        return ""
+    try:
+        moment = _dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        raise PatchError(f"SOURCE_DATE_EPOCH must be whole seconds since 1970, not {epoch!r}") from None
+    return moment.isoformat()
 
 
 def check_fingerprints(where: str, targets: Mapping[str, Any], **maps: Mapping[str, Any] | None) -> None:

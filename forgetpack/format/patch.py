@@ -14,7 +14,6 @@ This module imports numpy and safetensors only (never torch).
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -35,9 +34,11 @@ from forgetpack.format.metadata import (
     VERSION,
     check_fingerprints,
     check_signature_fields,
+    creation_time,
     decode,
     describe,
     dumps,
+    recipe_key,
 )
 from forgetpack.format.metadata import digest as content_digest
 
@@ -46,7 +47,6 @@ __all__ = ["FORMAT", "LAYOUTS", "Layer", "Patch", "Target", "VERSION", "describe
 
 MAX_PATCH_BYTES = 32 * 1024 * 1024  # a patch is kilobytes; refuse to read giants
 MAX_LAYERS = 256  # stacking concatenates layers; more than this is no longer a patch
-
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class Patch:
             layers=tuple(layers),
             recipe=dict(recipe or {}),
             effect=dict(effect or {}),
-            created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+            created=creation_time(),  # empty unless asked (SOURCE_DATE_EPOCH): same request, same bytes
         )
         patch.validate()
         return patch
@@ -174,6 +174,11 @@ class Patch:
         services key their caches by it); ``dataclasses.replace`` makes a new instance, a new digest."""
         return self.metadata()["digest"]
 
+    @cached_property
+    def recipe_key(self) -> str | None:
+        """The request this patch answers, on its base (``metadata.recipe_key``): what a regenerated duplicate shares."""
+        return recipe_key(self.recipe, self.base)
+
     def to_bytes(self) -> bytes:
         return serialize({k: RawTensor.from_array(v) for k, v in self.tensors().items()}, self.metadata())
 
@@ -219,7 +224,6 @@ class Patch:
         unused = set(self.targets) - {layer.target for layer in self.layers}
         if unused:
             raise PatchError(f"{where}targets declared but never changed: {sorted(unused)}")
-
 
 
 def display_name(patch: Patch) -> str:

@@ -19,8 +19,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from forgetpack.format.errors import ForgetpackError, SignatureError
-from forgetpack.format.fileio import write_bytes_atomic
+from forgetpack.format.errors import SignatureError
+from forgetpack.format.fileio import check_output_file, write_bytes_atomic
 from forgetpack.format.patch import Patch, display_name
 
 _CONTEXT = b"forgetpack.patch.signature.v1\n"
@@ -31,11 +31,13 @@ def key_id(public: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def generate_keypair(private_path: str | os.PathLike[str], public_path: str | os.PathLike[str]) -> str:
-    """Write a new key pair; refuses to overwrite an existing private key. Returns the key id."""
+def generate_keypair(private_path: str | os.PathLike[str], public_path: str | os.PathLike[str],
+                     replace: bool = False) -> str:
+    """Write a new key pair; an existing key file is replaced only with ``replace`` (a lost private key
+    cannot be made again). Returns the key id."""
     private_path = Path(private_path)
-    if private_path.exists():
-        raise ForgetpackError(f"{private_path}: already exists; refusing to overwrite a private key")
+    check_output_file(private_path, "private key", replace=replace)
+    check_output_file(public_path, "public key", replace=replace, inputs=[("the private key", private_path)])
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)

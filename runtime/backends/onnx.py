@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from forgetpack.format.errors import ForgetpackError
-from forgetpack.format.fit import TargetInfo, apply_in_order
+from forgetpack.format.fit import TargetInfo, apply_in_order, recorded_marks
 from forgetpack.format.manifest import GRAPH_ID_KEY, Manifest
 from forgetpack.format.manifest_schema import SEQUENCE_AXIS
 from forgetpack.format.onnxfile import OnnxFile
@@ -111,6 +111,7 @@ class OnnxBackend(Backend):
         self.model_id = manifest.model_id
         self.logit_scale = manifest.logit_scale
         self.baked = tuple(p["digest"] for p in manifest.patches)
+        self._baked_marks = recorded_marks(manifest.patches)  # digests and recipes: a regenerated duplicate is refused too
         self.providers = resolve_providers(providers)
         self.threads = check_threads(threads)
         self.spin = bool(spin)
@@ -325,7 +326,7 @@ class OnnxBackend(Backend):
     # -- patches ---------------------------------------------------------------------
 
     def set_patches(self, patches: Sequence[Patch]) -> None:
-        matrices = apply_in_order(self._graph_matrices, patches, self.targets, model=self.model_id, applied=self.baked)
+        matrices = apply_in_order(self._graph_matrices, patches, self.targets, model=self.model_id, applied=self._baked_marks)
         old = self._state
         sessions = dict(old.sessions)
         for tower in self.towers:
@@ -347,7 +348,7 @@ class OnnxBackend(Backend):
 
         Built exactly as ``set_patches`` builds one. A tower that cannot re-project in numpy would need
         its own onnxruntime session per state, so a patch set that changes such a tower is refused."""
-        matrices = apply_in_order(self._graph_matrices, patches, self.targets, model=self.model_id, applied=self.baked)
+        matrices = apply_in_order(self._graph_matrices, patches, self.targets, model=self.model_id, applied=self._baked_marks)
         current = self._state
         for tower in self.towers:
             target = self.manifest.towers[tower].projection

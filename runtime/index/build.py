@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from forgetpack.format.errors import ForgetpackError
+from forgetpack.format.fileio import atomic_directory
 from runtime.index.embed import DEFAULT_BATCH, DEFAULT_SHARD, ModelFactory, ModelSpec, Shard, embed_shard, plan_shards
 from runtime.index.sources import list_items
 from runtime.index.store import (
@@ -88,11 +89,24 @@ def build_index(
     workers: int = 1,
     ann: bool | None = None,
     progress: Callable[[BuildProgress], None] | None = None,
+    force: bool = False,
 ) -> BuildReport:
     """Embed the images of ``source`` into the index at ``index`` (created, or continued with ``resume``).
 
     ``model`` is an export directory / model spec, or a picklable callable returning a runtime
-    ``Model``. ``ann``: build the ANN index (None: when the table reaches ``ANN_MIN_ROWS``)."""
+    ``Model``. ``ann``: build the ANN index (None: when the table reaches ``ANN_MIN_ROWS``).
+    ``force``: build a new index beside a local one and swap it in when complete, so
+    the old one stays usable until then (a killed run leaves it as it was)."""
+    if force:
+        if resume:
+            raise ForgetpackError("give only one of resume (add to the index) and force (build it anew)")
+        if "://" in str(index):
+            raise ForgetpackError(f"{index}: an index in object storage cannot be replaced in one step; remove it first")
+        with atomic_directory(index, replace=True) as fresh:
+            report = build_index(source, fresh, model, engine=engine, batch=batch, shard_size=shard_size, threads=threads,
+                                 column=column, ray_address=ray_address, workers=workers, ann=ann, progress=progress)
+        report.index = str(index)
+        return report
     if engine not in ENGINES:
         raise ForgetpackError(f"unknown engine {engine!r} (choose {', '.join(ENGINES)})")
     if type(batch) is not int or batch < 1:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from forgetpack.format.errors import ForgetpackError
-from forgetpack.format.fit import TargetInfo, check_fit
+from forgetpack.format.fit import TargetInfo, check_fit, marks
 from forgetpack.format.patch import Patch
 
 FORMAT = "forgetpack.index"
@@ -74,7 +74,7 @@ def check_patches_fit(meta: Mapping[str, Any], patches: Sequence[Patch], where: 
     for patch in patches:  # a stacked patch's parent is checked by the runtime, which holds the matrices
         state = dict(patch.parent) if patch.parent is not None else None
         check_fit(patch, targets, model=f"the model of index {where}", applied=done, state=state)
-        done.append(patch.digest)
+        done.extend(marks(patch))
 
 
 @dataclass

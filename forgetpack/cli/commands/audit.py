@@ -82,7 +82,7 @@ def _images_table(report: Any) -> Table:
 @click.option("--forget", "forget_names", multiple=True, required=True, metavar="NAME",
               help="A class the patches forget (repeatable or comma-separated).")
 @click.option("--dataset", "datasets", multiple=True, metavar="D",
-              help="mnist, digits, letters or imagefolder:DIR: measure bypasses on real images too (repeatable).")
+              help="mnist, digits, letters, quickdraw, quickdraw-345, fashion or imagefolder:DIR: measure bypasses on real images too (repeatable).")
 @click.option("--variants", "variants_file", type=click.Path(path_type=Path), metavar="FILE",
               help="Your own variants: UTF-8 lines 'name<TAB>variant[<TAB>variant…]' (tried by the lexicon family).")
 @click.option("--family", "families", multiple=True, metavar="F",

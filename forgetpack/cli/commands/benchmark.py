@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from forgetpack.cli.options import FORCE, model_path
 from forgetpack.cli.render import Table, echo, figure_png, print_json, progress_bar, show
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.fileio import check_output_file, write_bytes_atomic
@@ -37,10 +38,11 @@ def benchmark() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (instead of the tables).")
 @click.option("-o", "--output", type=OUT, metavar="FILE", help="Write the report as JSON here.")
 @click.option("--plot", "plot_out", type=OUT, metavar="FILE", help="Write a PNG chart of S per request and solver here.")
+@FORCE
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 def paper(model: str, data_root: Path | None, datasets: tuple[str, ...], solvers: tuple[str, ...], as_json: bool,
-          output: Path | None, plot_out: Path | None, device: str, batch_size: int) -> None:
+          output: Path | None, plot_out: Path | None, force: bool, device: str, batch_size: int) -> None:
     """The paper's experiment: forget three classes per dataset, one at a time and together, and score S.
 
     \b
@@ -52,7 +54,7 @@ def paper(model: str, data_root: Path | None, datasets: tuple[str, ...], solvers
 
     for path, what in ((output, "JSON report"), (plot_out, "plot")):
         if path is not None:
-            check_output_file(path, what)
+            check_output_file(path, what, replace=force, inputs=[("the model", model_path(model))])
     chosen_solvers = [s for s in split_names(solvers) if s] or list(DEFAULT_SOLVERS)
     for s in chosen_solvers:
         solver_options(s)  # an unknown solver fails here, before any dataset or model is read

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from forgetpack.cli.options import FORCE, model_path
 from forgetpack.cli.render import echo, print_json, warn
 from forgetpack.format.fileio import check_output_dir, check_output_file, write_bytes_atomic
 from forgetpack.format.names import split_names
@@ -25,9 +26,9 @@ def _write(path: Path, data: bytes) -> None:
 @click.command("eval")
 @click.argument("model")
 @click.option("--patch", "patches", multiple=True, metavar="PATCH", help="Patch file to apply (repeatable, in order).")
-@click.option("--forget", multiple=True, metavar="NAME", help="Class the patches forget (repeatable or comma-separated).")
+@click.option("--forget", multiple=True, metavar="NAME", help="Class the patches forget (repeatable or comma-separated; default: the names the patches record).")
 @click.option("--dataset", "datasets", multiple=True, metavar="D",
-              help="mnist, digits, letters or imagefolder:DIR (repeatable; default: the three built-in sets).")
+              help="mnist, digits, letters, quickdraw, quickdraw-345, fashion or imagefolder:DIR (repeatable; default: mnist, digits, letters).")
 @click.option("--template", "templates", multiple=True, metavar="T",
               help="Prompt template with {} for the class name (repeatable: ensembled). Default: each dataset's own.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (instead of the tables).")
@@ -35,6 +36,7 @@ def _write(path: Path, data: bytes) -> None:
 @click.option("--plot", "plot_out", type=OUT, metavar="FILE", help="Write a PNG chart of per-class accuracy here.")
 @click.option("--clip-benchmark", "clip_benchmark_dir", type=OUT, metavar="DIR",
               help="Write CLIP_benchmark result files here (one per dataset and base/patched), for `clip_benchmark build`.")
+@FORCE
 @click.option("--per-class/--no-per-class", default=None, help="Per-class rows for every class (default: up to 20 classes).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
@@ -48,6 +50,7 @@ def evaluate(
     output: Path | None,
     plot_out: Path | None,
     clip_benchmark_dir: Path | None,
+    force: bool,
     per_class: bool | None,
     device: str,
     batch_size: int,
@@ -63,17 +66,18 @@ def evaluate(
     from forgetpack.evaluation.datasets import BUILTIN
     from forgetpack.evaluation.harness import evaluate as run_evaluation
 
+    inputs = [("the model", model_path(model)), *(("a patch", p) for p in patches)]
     if output is not None:
-        check_output_file(output, "JSON report")
+        check_output_file(output, "JSON report", replace=force, inputs=inputs)
     if plot_out is not None:
-        check_output_file(plot_out, "plot")
-    if clip_benchmark_dir is not None:
-        check_output_dir(clip_benchmark_dir, replace=True)  # files of other runs there are kept
+        check_output_file(plot_out, "plot", replace=force, inputs=inputs)
+    if clip_benchmark_dir is not None:  # the folder collects runs; a file of this run already there needs --force
+        check_output_dir(clip_benchmark_dir, replace=True)
     # The loader's and the cache's logged warnings show up through forgetpack.cli.main.
     report = run_evaluation(
         model,
         patches=list(patches),
-        forget=[n for n in split_names(forget) if n],
+        forget=[n for n in split_names(forget) if n] if forget else None,  # None: what the patches record
         datasets=list(datasets) or list(BUILTIN),
         templates=list(templates) or None,
         device=device,
@@ -81,18 +85,21 @@ def evaluate(
     )
     for name, n in report.skipped.items():
         warn(f"{name}: {n} unreadable image file(s) skipped")
+    if report.forget_from_patches:
+        elsewhere = f" (recorded, in no evaluated dataset: {', '.join(report.recorded_elsewhere)})" if report.recorded_elsewhere else ""
+        echo(f"forgetting (from the patches): {', '.join(report.forget) or 'none'}{elsewhere}", err=True)
 
     data = report.to_json()
     if as_json:
         print_json(data)
     else:
         render_table(report, per_class=per_class)
-    if patches and not forget:
-        echo("note: no --forget given: reporting accuracies only, no forgetting score", err=True)
+    if patches and not report.forget:
+        echo("note: no forgotten class in the evaluated datasets: reporting accuracies only, no forgetting score", err=True)
     if output is not None:
         _write(output, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     if plot_out is not None:
         _write(plot_out, plot_png(report))
     if clip_benchmark_dir is not None:
-        for path in clip_benchmark.write_results(report, clip_benchmark_dir):
+        for path in clip_benchmark.write_results(report, clip_benchmark_dir, replace=force):
             echo(f"wrote {path}", err=True)

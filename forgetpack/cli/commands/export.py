@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from forgetpack.cli.options import FORCE, model_path
+
 PATCH = click.Path(dir_okay=False, path_type=Path)
 
 
@@ -17,7 +19,7 @@ PATCH = click.Path(dir_okay=False, path_type=Path)
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
 @click.option("--key", "keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Bake in only patches signed by one of these public keys.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
+@FORCE
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export(model: str, patches: tuple[Path, ...], output: Path, quantize: str | None, opset: int,
            keys: tuple[Path, ...], force: bool, as_json: bool) -> None:
@@ -30,9 +32,12 @@ def export(model: str, patches: tuple[Path, ...], output: Path, quantize: str | 
     import json
 
     from forgetpack.export import export as run_export
+    from forgetpack.format.fileio import check_output_dir
     from forgetpack.format.patch import read_patch
     from forgetpack.format.signing import load_public_keys, require_signed
 
+    check_output_dir(output, force, inputs=[("the model", model_path(model)), *(("a patch", p) for p in patches),
+                                            *(("a public key", k) for k in keys)])
     loaded = [read_patch(p) for p in patches]
     require_signed(loaded, load_public_keys(keys or None))  # no --key: no signature required
     progress = (lambda line: click.echo(line, err=True)) if not as_json else None

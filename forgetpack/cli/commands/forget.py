@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from forgetpack.cli.options import FORCE, model_path
 from forgetpack.cli.render import Table, hardening_summary, print_json, progress_bar, show, warn
 from forgetpack.engine.request import DEFAULT_HARDEN_FAMILIES, DEFAULT_SOLVER, TARGET_NORMS, TARGETS, ForgetRequest
 from forgetpack.engine.solvers import available_solvers
@@ -32,6 +33,7 @@ def _print_result(result: Any, output: Path, as_json: bool) -> None:
     size = output.stat().st_size
     if as_json:
         print_json({**report, "patch": str(output), "size_bytes": size, "digest": result.patch.digest})
+        _warn_unknown(report)
         return
     from rich.text import Text
 
@@ -39,7 +41,7 @@ def _print_result(result: Any, output: Path, as_json: bool) -> None:
     bare = recipe["templates"][0]
     table = Table(title=f"forgetpack forget · {report['model']}")
     table.add_column("forget name", style="bold")
-    table.add_column("forgotten")
+    table.add_column("forgotten (text)")  # outranked in text space; on images: forgetpack eval
     table.add_column("similarity to original", justify="right")
     table.add_column(f"now predicted as ({bare!r})")
     for name, e in effect["forget"].items():
@@ -63,6 +65,14 @@ def _print_result(result: Any, output: Path, as_json: bool) -> None:
     show(table, info)
     if retained < RETAIN_WARNING:
         warn(f"only {retained:.1%} of the other candidates keep their class")
+    _warn_unknown(report)
+
+
+def _warn_unknown(report: dict[str, Any]) -> None:
+    """Names let through by --allow-unknown: said again after the report, on stderr."""
+    for u in report.get("recognition", {}).get("unknown", []):
+        near = ", ".join(n for n, _ in u["nearest"])
+        warn(f"{u['name']!r} is not a class {report['model']} recognises (nearest: {near}); forgotten as asked (--allow-unknown)")
 
 
 def _given(**options: Any) -> dict[str, Any]:
@@ -86,15 +96,20 @@ def _given(**options: Any) -> dict[str, Any]:
 @click.option("--harden/--no-harden", default=False, show_default=True,
               help="Solve again until the bypass grid (other phrasings, spellings, languages) is clean; see 'forgetpack audit'.")
 @click.option("--harden-family", "harden_families", multiple=True,
-              help="A bypass family to harden against (repeatable; default: templates, surface, lexicon).")
+              help="A bypass family to harden against (repeatable; default: templates, surface, lexicon, synonyms).")
+@click.option("--allow-unknown", is_flag=True,
+              help="Forget names the model does not recognise too (by default such a name is refused, with its nearest known names).")
 @click.option("-o", "--output", required=True, type=OUT, help="Where to write the patch.")
+@FORCE
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def forget(model: str, forget_names: tuple[str, ...], preserve: tuple[str, ...], preserve_file: Path | None,
            auto_preserve: int | None, vocabulary_file: Path | None, solver: str | None, target: str | None,
            target_norm: str | None, templates: tuple[str, ...], rank: int | None, seed: int | None,
-           harden: bool, harden_families: tuple[str, ...], output: Path, as_json: bool) -> None:
+           harden: bool, harden_families: tuple[str, ...], allow_unknown: bool, output: Path, force: bool,
+           as_json: bool) -> None:
     """Make MODEL forget the --forget classes; write the patch to -o."""
-    check_output_file(output, "patch")
+    check_output_file(output, "patch", replace=force, inputs=[("the model", model_path(model)), ("the preserve file", preserve_file),
+                                                            ("the vocabulary file", vocabulary_file)])
     if preserve and preserve_file is not None:
         raise ForgetpackError("give only one of --preserve, --preserve-file")
     explicit = split_names(preserve) if preserve else read_names_file(preserve_file) if preserve_file is not None else None
@@ -103,7 +118,7 @@ def forget(model: str, forget_names: tuple[str, ...], preserve: tuple[str, ...],
         raise ForgetpackError("--harden-family needs --harden")
     families = (tuple(harden_families) or DEFAULT_HARDEN_FAMILIES) if harden else ()
     request = ForgetRequest(split_names(forget_names), preserve=explicit, auto_preserve=auto_preserve, vocabulary=extra,
-                            harden=families, **_given(solver=solver, target=target, target_norm=target_norm, templates=templates,
+                            harden=families, allow_unknown=allow_unknown, **_given(solver=solver, target=target, target_norm=target_norm, templates=templates,
                                      rank=rank, seed=seed))
 
     from forgetpack.engine.solve import forget as run_forget
@@ -121,19 +136,25 @@ def forget(model: str, forget_names: tuple[str, ...], preserve: tuple[str, ...],
 @click.option("-o", "--output", required=True, type=OUT, help="Where to write the composed patch.")
 @click.option("--solver", type=_SOLVERS, help="Override the recorded solver.")
 @click.option("--rank", type=int, help="Rank of the update (default: the solver's).")
+@click.option("--allow-unknown", is_flag=True, help="Let recorded forget names the model does not recognise through.")
+@FORCE
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def compose(model: str, patches: tuple[Path, ...], output: Path, solver: str | None, rank: int | None, as_json: bool) -> None:
+def compose(model: str, patches: tuple[Path, ...], output: Path, solver: str | None, rank: int | None,
+            allow_unknown: bool, force: bool, as_json: bool) -> None:
     """One patch solved jointly for every request recorded in PATCHES."""
+    from forgetpack.engine.request import check_composable
     from forgetpack.format.patch import read_patch
 
-    check_output_file(output, "patch")
+    check_output_file(output, "patch", replace=force, inputs=[("the model", model_path(model)), *(("a patch", p) for p in patches)])
     loaded_patches = [read_patch(p) for p in patches]
+    check_composable(loaded_patches)  # what the files can tell, before the model loads
 
     from forgetpack.engine.solve import compose as run_compose
     from forgetpack.engine.weights import run_with_model
 
     with progress_bar(not as_json) as progress:
         result = run_with_model(model, lambda loaded: run_compose(loaded, loaded_patches, progress=progress,
-                                                                  solver=solver, rank=rank))
+                                                                  solver=solver, rank=rank,
+                                                                  allow_unknown=allow_unknown))
     result.patch.save(output)
     _print_result(result, output, as_json)

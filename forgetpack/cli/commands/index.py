@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from forgetpack.cli.commands.classify import _labels
+from forgetpack.cli.options import FORCE
 from forgetpack.cli.render import Table, echo, key_value_table, print_json, progress_bar, show
 from forgetpack.format.errors import ForgetpackError
 
@@ -28,16 +29,24 @@ SHOWN_FAILURES = 20
 @click.option("--column", default=None, help="Parquet/CSV: the column holding image bytes or paths.")
 @click.option("--resume", is_flag=True, help="Continue (or add to) an existing index; finished shards are skipped.")
 @click.option("--ann/--no-ann", default=None, help="Build the ANN index now (default: once the table has 100,000 rows).")
+@FORCE
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def index(source: str, model: str, index: str, ray_address: str | None, workers: int, batch: int, shard_size: int,
-          threads: int | None, column: str | None, resume: bool, ann: bool | None, as_json: bool) -> None:
+          threads: int | None, column: str | None, resume: bool, ann: bool | None, force: bool, as_json: bool) -> None:
     """Embed the images of SOURCE (a folder, a .txt list of paths, or a .parquet/.csv table) into INDEX."""
+    from forgetpack.format.fileio import check_output_dir
     from runtime.index import build_index
+
+    if resume and force:
+        raise ForgetpackError("give only one of --resume (add to INDEX) and --force (build it anew)")
+    if "://" not in index:  # an existing index needs --resume or --force; never the source or the model
+        check_output_dir(index, replace=resume or force, inputs=[("the image source", _local(source)),
+                                                                 ("the model", _local(model))])
 
     with progress_bar(not as_json, "embedding images") as bar:
         report = build_index(
             source, index, model, engine="ray" if ray_address else "local", resume=resume, batch=batch,
-            shard_size=shard_size, threads=threads, column=column, workers=workers, ann=ann,
+            shard_size=shard_size, threads=threads, column=column, workers=workers, ann=ann, force=force,
             ray_address=None if ray_address in (None, "local") else ray_address,
             progress=(lambda p: bar(p.items_done, p.items_total)) if bar else None,
         )
@@ -66,6 +75,11 @@ def index(source: str, model: str, index: str, ray_address: str | None, workers:
         echo(f"… and {report.failed - SHOWN_FAILURES} more (--json lists them all)")
 
 
+def _local(path: str) -> Path | None:
+    """A local file or folder the command reads (None for a model spec or a URI)."""
+    return Path(path) if path and "://" not in path and Path(path).exists() else None
+
+
 @click.command()
 @click.argument("index")
 @click.option("--labels", "labels_text", required=True, help="Comma-separated class names.")
@@ -75,11 +89,17 @@ def index(source: str, model: str, index: str, ray_address: str | None, workers:
 @click.option("--key", "keys", multiple=True, type=KEY, help="Accept only patches signed by one of these public keys.")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=None, help="Write one row per image (Parquet).")
 @click.option("--compare", is_flag=True, help="Also classify without the patches and show what moved.")
+@FORCE
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def rescore(index: str, labels_text: str, templates: tuple[str, ...], patches: tuple[Path, ...], model: str | None,
-            keys: tuple[Path, ...], out: Path | None, compare: bool, as_json: bool) -> None:
+            keys: tuple[Path, ...], out: Path | None, compare: bool, force: bool, as_json: bool) -> None:
     """Classify every image of INDEX over --labels under the patches, from the stored embeddings."""
+    from forgetpack.format.fileio import check_output_file
     from runtime.index import rescore as run_rescore
+
+    if out is not None:
+        check_output_file(out, "rescore output", replace=force, inputs=[
+            ("the model", _local(model or "")), *(("a patch", p) for p in patches), *(("a public key", k) for k in keys)])
 
     with progress_bar(not as_json, "rescoring") as bar:
         report = run_rescore(index, _labels(labels_text), list(templates) or None, list(patches), model=model, out=out,

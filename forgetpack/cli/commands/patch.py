@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from forgetpack.cli.options import FORCE
 from forgetpack.cli.render import echo, hardening_summary, key_value_table, print_json, show, warn
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.fileio import check_output_file
@@ -34,6 +35,15 @@ def _trusted(keys: tuple[Path, ...]) -> Any:
     from forgetpack.format.signing import load_public_keys
 
     return load_public_keys(list(keys)) if keys else None
+
+
+def _patches(paths: tuple[Path, ...]) -> list[tuple[str, Path]]:
+    """The patch files a command reads, as the overwrite rule's inputs."""
+    return [("a patch", p) for p in paths]
+
+
+def _keys(paths: tuple[Path, ...]) -> list[tuple[str, Path]]:
+    return [("a public key", k) for k in paths]
 
 
 def _short(value: Any, limit: int = 300) -> str:
@@ -60,7 +70,7 @@ def inspect(patch: Path, as_json: bool) -> None:
         ("model", p.model),
         ("digest", p.digest),
         ("signed", signed),
-        ("created", p.created),
+        ("created", p.created or "not recorded (see SOURCE_DATE_EPOCH in docs/patch-format.md)"),
         ("tool", p.tool),
     ]
     for name, t in p.targets.items():
@@ -128,13 +138,15 @@ def verify(patch: Path, base: Path | None, keys: tuple[Path, ...], as_json: bool
 @click.argument("patches", nargs=-1, required=True, type=PATCH)
 @click.option("-o", "--output", required=True, type=FILE)
 @KEYS
+@FORCE
 @JSON
-def apply(checkpoint: Path, patches: tuple[Path, ...], output: Path, keys: tuple[Path, ...], as_json: bool) -> None:
+def apply(checkpoint: Path, patches: tuple[Path, ...], output: Path, keys: tuple[Path, ...], force: bool, as_json: bool) -> None:
     """Write CHECKPOINT with PATCHES applied in order (deterministic, byte for byte)."""
     from forgetpack.format.checkpoint import apply_to_file
     from forgetpack.format.signing import require_signed
 
-    check_output_file(output, "patched checkpoint")
+    check_output_file(output, "patched checkpoint", replace=force,
+                      inputs=[("the base checkpoint", checkpoint), *_patches(patches), *_keys(keys)])
     loaded = [_read(p) for p in patches]
     require_signed(loaded, _trusted(keys))
     record = apply_to_file(checkpoint, loaded, output)
@@ -150,8 +162,10 @@ def apply(checkpoint: Path, patches: tuple[Path, ...], output: Path, keys: tuple
 @click.option("-o", "--output", required=True, type=FILE)
 @click.option("--base", type=FILE, help="The unpatched base checkpoint: rebuild exactly as base + remaining patches.")
 @click.option("--keep", "keep", multiple=True, type=PATCH, help="A patch that stays applied (needed with --base; repeatable).")
+@FORCE
 @JSON
-def revert(checkpoint: Path, patch: Path, output: Path, base: Path | None, keep: tuple[Path, ...], as_json: bool) -> None:
+def revert(checkpoint: Path, patch: Path, output: Path, base: Path | None, keep: tuple[Path, ...], force: bool,
+           as_json: bool) -> None:
     """Remove PATCH from a patched CHECKPOINT.
 
     With --base (and --keep for every other applied patch) the result is bit-for-bit
@@ -162,7 +176,8 @@ def revert(checkpoint: Path, patch: Path, output: Path, base: Path | None, keep:
 
     if keep and base is None:
         raise ForgetpackError("--keep needs --base: remaining patches are re-applied to the base")
-    check_output_file(output, "checkpoint")
+    check_output_file(output, "checkpoint", replace=force, inputs=[
+        ("the patched checkpoint", checkpoint), ("the base checkpoint", base), *_patches((patch, *keep))])
     result = revert_file(checkpoint, _read(patch), output, base_path=base, others=[_read(k) for k in keep])
     if as_json:
         print_json({"output": str(output), "exact": result.exact, "how": result.how,
@@ -176,12 +191,13 @@ def revert(checkpoint: Path, patch: Path, output: Path, base: Path | None, keep:
 @click.command()
 @click.argument("patches", nargs=-1, required=True, type=PATCH)
 @click.option("-o", "--output", required=True, type=FILE)
+@FORCE
 @JSON
-def stack(patches: tuple[Path, ...], output: Path, as_json: bool) -> None:
+def stack(patches: tuple[Path, ...], output: Path, force: bool, as_json: bool) -> None:
     """One patch equivalent (bit for bit) to applying PATCHES in order."""
     from forgetpack.format.patch import stack as stack_patches
 
-    check_output_file(output, "patch")
+    check_output_file(output, "patch", replace=force, inputs=_patches(patches))
     stacked = stack_patches([_read(p) for p in patches])
     stacked.save(output)
     size = output.stat().st_size
@@ -195,13 +211,14 @@ def stack(patches: tuple[Path, ...], output: Path, as_json: bool) -> None:
 @click.command()
 @click.option("-o", "--output", default="forgetpack-key", show_default=True, type=FILE,
               help="Private key path; the public key goes to OUTPUT.pub.")
+@FORCE
 @JSON
-def keygen(output: Path, as_json: bool) -> None:
+def keygen(output: Path, force: bool, as_json: bool) -> None:
     """Create an ed25519 key pair for signing patches."""
     from forgetpack.format.signing import generate_keypair
 
     public = Path(f"{output}.pub")
-    kid = generate_keypair(output, public)
+    kid = generate_keypair(output, public, replace=force)  # the overwrite rule, for both files
     if as_json:
         print_json({"private": str(output), "public": str(public), "key_id": kid})
         return
@@ -211,14 +228,18 @@ def keygen(output: Path, as_json: bool) -> None:
 @click.command()
 @click.argument("patch", type=PATCH)
 @click.option("--key", required=True, type=FILE, help="Private key (PEM).")
-@click.option("-o", "--output", type=FILE, help="Default: sign in place.")
+@click.option("-o", "--output", type=FILE, help="Default: sign in place (the digest, and so what the patch does, is unchanged).")
+@FORCE
 @JSON
-def sign(patch: Path, key: Path, output: Path | None, as_json: bool) -> None:
+def sign(patch: Path, key: Path, output: Path | None, force: bool, as_json: bool) -> None:
     """Sign a patch with an ed25519 private key (the digest is unchanged)."""
     from forgetpack.format.signing import load_private_key
     from forgetpack.format.signing import sign as sign_patch
 
-    target = check_output_file(output or patch, "signed patch")
+    if output is None:  # in place, the one output that is its input: asked for by leaving out -o
+        target = check_output_file(patch, "signed patch")
+    else:
+        target = check_output_file(output, "signed patch", replace=force, inputs=[("the patch", patch), ("the private key", key)])
     signed = sign_patch(_read(patch), load_private_key(key))
     signed.save(target)
     if as_json:
