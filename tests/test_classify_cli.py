@@ -57,7 +57,7 @@ def test_export_cli_writes_a_complete_directory(export_dir):
     manifest = json.loads((export_dir / "manifest.json").read_text())
     assert manifest["model_id"] == "mini"
     assert {p.name for p in export_dir.iterdir()} == {"manifest.json", "image.onnx", "text.onnx", "tokenizer.json"}
-    assert set(manifest["projections"]) == {"text.proj.weight", "visual.proj"}
+    assert set(manifest["projections"]) == {"text.proj.weight", "visual.attnpool.c_proj.weight"}
 
 
 def test_classify_table_and_json(capsys, export_dir, images):
@@ -135,7 +135,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(capsys, tmp_path, export_dir,
     mismatch = tmp_path / "mismatch"
     shutil.copytree(export_dir, mismatch, copy_function=lambda s, d: Path(d).symlink_to(s) if s.endswith(".onnx") else shutil.copy(s, d))
     manifest = json.loads((mismatch / "manifest.json").read_text())
-    manifest["projections"]["visual.proj"].update(current="sha256:" + "0" * 64, base="sha256:" + "0" * 64)
+    manifest["projections"]["visual.attnpool.c_proj.weight"].update(current="sha256:" + "0" * 64, base="sha256:" + "0" * 64)
     manifest["export_id"] = content_hash(manifest)  # a consistent manifest that does not fit its graphs
     (mismatch / "manifest.json").write_text(json.dumps(manifest))
     edited = tmp_path / "edited"
