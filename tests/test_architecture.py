@@ -85,3 +85,17 @@ def test_cache_off_writes_nothing_anywhere(tmp_path: Path) -> None:
     assert sorted(p.name for p in work.iterdir()) == ["seven.fpatch"]
     written = [str(p.relative_to(home)) for p in home.rglob("*")]
     assert not [p for p in written if "forgetpack" in p], written
+
+
+def test_docs_name_only_files_that_exist() -> None:
+    """Every source file the docs name in backticks exists (issue 23, item 11: two named files that had
+    moved). A path is read from the repository root, or from the package (`cli/commands/forget.py`)."""
+    import re
+
+    root = ROOT
+    missing = []
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for path in re.findall(r"`([A-Za-z0-9_./-]+/[A-Za-z0-9_.-]+\.py)`", doc.read_text(encoding="utf-8")):
+            if not any((base / path).exists() for base in (root, root / "forgetpack")):
+                missing.append(f"{doc.name}: {path}")
+    assert not missing

@@ -154,3 +154,18 @@ def test_fingerprint_covers_the_tower_but_not_its_projection(vit) -> None:
 
 def test_empty_request(vit) -> None:
     assert features.text_features(vit, []).shape == (0, 512)
+
+
+def test_cache_root_follows_xdg_cache_home(monkeypatch, tmp_path) -> None:
+    """Without FORGETPACK_CACHE the cache lives under $XDG_CACHE_HOME (issue 23, item 11), else ~/.cache."""
+    from forgetpack.format.cache import cache_dir, cache_root
+
+    monkeypatch.delenv("FORGETPACK_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "forgetpack"
+    assert cache_dir("features") == tmp_path / "xdg" / "forgetpack" / "features"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root() == tmp_path / "home" / ".cache" / "forgetpack"
+    monkeypatch.setenv("FORGETPACK_CACHE", str(tmp_path / "mine"))
+    assert cache_root() == tmp_path / "mine"

@@ -211,3 +211,10 @@ def test_revert_without_base_says_whether_exact(tmp_path: Path) -> None:
     res = revert_file(tmp_path / "p2.safetensors", rough, tmp_path / "r2.safetensors")
     assert not res.exact
     assert Checkpoint.read(tmp_path / "r2.safetensors").record.exact is False
+
+
+def test_repr_is_short() -> None:
+    """``print(model.patches)`` shows one short line a patch, not its arrays (issue 23, item 9)."""
+    patch = make_patch(base_matrices(), 1)
+    text = repr(patch)
+    assert len(text) < 600 and "\n" not in text and "array(" not in text and patch.model in text

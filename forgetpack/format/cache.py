@@ -1,6 +1,7 @@
 """Where forgetpack may keep caches, decided in one place.
 
-``$FORGETPACK_CACHE`` names the cache root; unset or empty means ``~/.cache/forgetpack``;
+``$FORGETPACK_CACHE`` names the cache root; unset or empty means ``$XDG_CACHE_HOME/forgetpack``
+(``~/.cache/forgetpack`` when that is unset too, as the XDG base directory spec says);
 ``off`` (or ``0``, ``none``, ``false``, ``no``) turns every cache off, so that nothing is
 written anywhere. Callers ask for their own subfolder and get ``None`` when caching is off.
 """
@@ -19,7 +20,10 @@ def cache_root() -> Path | None:
     value = os.environ.get(CACHE_ENV, "").strip()
     if value.lower() in OFF_VALUES:
         return None
-    return Path(value).expanduser() if value else Path.home() / ".cache" / "forgetpack"
+    if value:
+        return Path(value).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "forgetpack"
 
 
 def cache_dir(kind: str) -> Path | None:

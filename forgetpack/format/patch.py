@@ -54,14 +54,14 @@ class Patch:
     """A verified forget patch. Build with :meth:`create` or :func:`stack`, read with :func:`read_patch`."""
 
     model: str
-    targets: dict[str, Target]
+    targets: dict[str, Target] = field(repr=False)
     base: dict[str, str]  # target -> fingerprint of the base matrix
-    layers: tuple[Layer, ...]
+    layers: tuple[Layer, ...] = field(repr=False)  # arrays: print(model.patches) must stay one line a patch
     parent: dict[str, str] | None = None  # fingerprints it was computed on, when not the base
     result: dict[str, str] | None = None  # fingerprints after applying it, when known
-    recipe: dict[str, Any] = field(default_factory=dict)
-    effect: dict[str, Any] = field(default_factory=dict)
-    components: tuple[dict[str, Any], ...] = ()  # for stacked patches: what was stacked
+    recipe: dict[str, Any] = field(default_factory=dict, repr=False)
+    effect: dict[str, Any] = field(default_factory=dict, repr=False)
+    components: tuple[dict[str, Any], ...] = field(default=(), repr=False)  # for stacked patches: what was stacked
     created: str = ""
     tool: str = f"forgetpack {__version__}"
     signature: str | None = None
