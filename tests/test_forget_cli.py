@@ -54,6 +54,8 @@ def test_forget_json_and_compose(tmp_path, capsys) -> None:
     assert composed.recipe["forget"] == ["goldfish", "pizza"]
     assert set(composed.recipe["preserve"]) == {"tench", "volcano"}  # forgotten names are not preserved
     assert all(e["outranked"] for e in composed.effect["forget"].values())
+    code, out, err = run(["compose", MODEL, str(a), str(b), "-o", str(tmp_path / "d.fpatch.safetensors")], capsys)
+    assert code == 0 and "forgetpack compose" in out and "forgetpack forget" not in out  # its own report's title
 
 
 @pytest.mark.parametrize("args,message", [

@@ -28,7 +28,7 @@ _TARGETS = click.Choice(TARGETS)
 _NORMS = click.Choice(TARGET_NORMS)
 
 
-def _print_result(result: Any, output: Path, as_json: bool) -> None:
+def _print_result(result: Any, output: Path, as_json: bool, command: str = "forget") -> None:
     report = result.report
     size = output.stat().st_size
     if as_json:
@@ -39,7 +39,7 @@ def _print_result(result: Any, output: Path, as_json: bool) -> None:
 
     recipe, effect = report["recipe"], report["effect"]
     bare = recipe["templates"][0]
-    table = Table(title=f"forgetpack forget · {report['model']}")
+    table = Table(title=f"forgetpack {command} · {report['model']}")
     table.add_column("forget name", style="bold")
     table.add_column("forgotten (text)")  # outranked in text space; on images: forgetpack eval
     table.add_column("similarity to original", justify="right")
@@ -157,4 +157,4 @@ def compose(model: str, patches: tuple[Path, ...], output: Path, solver: str | N
                                                                   solver=solver, rank=rank,
                                                                   allow_unknown=allow_unknown))
     result.patch.save(output)
-    _print_result(result, output, as_json)
+    _print_result(result, output, as_json, "compose")
