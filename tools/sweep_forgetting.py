@@ -141,7 +141,7 @@ def image_counts(report: Any, dataset: str, forget: list[str]) -> dict[str, Any]
     """Images of each class found before and after, in counts: forgotten left, neighbours' and the
     rest's largest loss, and the aggregate change in points."""
     base, after = report.base[dataset], report.patched[dataset]
-    n = base.counts() if hasattr(base, "counts") else np.bincount(base.labels, minlength=len(base.classnames))
+    n = np.bincount(base.labels, minlength=len(base.classnames))
     found_before = np.round(np.nan_to_num(base.per_class) * n).astype(int)
     found_after = np.round(np.nan_to_num(after.per_class) * n).astype(int)
     near = neighbours_of(dataset, base.classnames, forget)
@@ -185,7 +185,7 @@ def run_object(loaded: Any, names: list[str], options: dict[str, Any], with_vari
     started = time.perf_counter()
     result = forget(loaded, ForgetRequest(names, **options))
     seconds = time.perf_counter() - started
-    sets = [n for n in OBJECT_SETS]
+    sets = list(OBJECT_SETS)
     report = evaluate(loaded, patches=[result.patch], forget=[n for n in names if any(n in load_classnames(s) for s in sets)],
                       datasets=sets)
     row: dict[str, Any] = {"forget": names, "seconds": round(seconds, 2), "rank": result.report["rank"],

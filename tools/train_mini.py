@@ -203,13 +203,6 @@ def heldout_report(model, preprocess, tokenizer) -> dict[str, dict]:
     return report
 
 
-def vision_override(model_cfg_json: str | None):
-    """An experiment's vision tower (JSON of open_clip's vision_cfg) instead of config.json's."""
-    if not model_cfg_json:
-        return None
-    return json.loads(model_cfg_json)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=20)
@@ -228,7 +221,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     seed_everything(args.seed, args.threads)
-    model, preprocess, tokenizer = mini.create_untrained(vision_cfg=vision_override(args.vision))
+    model, preprocess, tokenizer = mini.create_untrained(vision_cfg=json.loads(args.vision) if args.vision else None)
     pp = mini.config()["preprocess_cfg"]
     background = (0.0 - pp["mean"][0]) / pp["std"][0]  # black ink-free pixel after normalisation
 
@@ -259,7 +252,6 @@ def main() -> None:
     pooled = torch.cat([pooled_text_features(model, tokenizer, prompts[i : i + 512]) for i in range(0, len(prompts), 512)])
     pooled = pooled.view(len(entries), n_templates, -1)
     # A class name that two families share (a photographed and a drawn t-shirt) is not a wrong answer.
-    entry_family = [f for f, _ in entries]
     same_name_other = torch.tensor([[a[1] == b[1] and a[0] != b[0] for b in entries] for a in entries])
 
     # --- optimisation: AdamW, warmup + cosine; no decay on gains, biases, embeddings, scale.
@@ -335,7 +327,6 @@ def main() -> None:
         )
         log.append(line)
         print(line, flush=True)
-    del entry_family
 
     # --- held-out evaluation through the ordinary open_clip code path.
     model.eval()
