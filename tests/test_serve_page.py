@@ -17,7 +17,7 @@ import runtime
 from forgetpack.format.patch import read_patch
 from runtime.serve import ServeConfig, create_app
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("FORGETPACK_CHROMIUM", "/usr/bin/chromium")  # what tools/run_tests.sh installs
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
