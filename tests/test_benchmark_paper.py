@@ -309,3 +309,6 @@ def test_the_table_is_the_papers(mini_run):
     _, table, _ = mini_run
     for text in ("base zero-shot accuracy", "built-in letters", "default f / r / o", "default S", "A, K, X", "mean S"):
         assert text in table, text
+    header = next(line for line in table.splitlines() if "default S" in line)
+    names = [cell.strip().lower() for cell in header.strip("┃ ").split("┃")]
+    assert "default solve s" in names and len(names) == len(set(names)), names  # "S" the score, "solve s" the seconds

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+import sys
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,9 +37,22 @@ def escape(value: Any, *, cell: bool = False) -> str:
     return pattern.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text)
 
 
+UNWRAPPED_WIDTH = 100_000  # "no limit" for rich: a table is as wide as its content
+
+
+def output_width(stream: Any) -> int | None:
+    """Rich's width for ``stream``: the terminal's (None: rich asks it, or honours ``COLUMNS``), and
+    no limit when the stream is a file or a pipe, so tables never wrap and break identifiers there."""
+    if os.environ.get("COLUMNS") or (hasattr(stream, "isatty") and stream.isatty()):
+        return None
+    return UNWRAPPED_WIDTH
+
+
 def console(stderr: bool = False) -> Console:
-    """A rich console that prints text verbatim: no markup, no emoji codes, no highlighting."""
-    return Console(markup=False, emoji=False, highlight=False, stderr=stderr)
+    """A rich console that prints text verbatim: no markup, no emoji codes, no highlighting, and no
+    wrapping when the output is not a terminal (``output_width``)."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(markup=False, emoji=False, highlight=False, stderr=stderr, width=output_width(stream))
 
 
 class Table(RichTable):
@@ -45,6 +60,8 @@ class Table(RichTable):
 
     def __init__(self, *args: Any, title: str | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("title_justify", "left")
+        if title is not None:  # rich folds a title to the table's width: a long path would break mid-word
+            kwargs.setdefault("min_width", len(title))
         super().__init__(*args, title=escape(title) if title is not None else None, **kwargs)
 
     def add_row(self, *cells: Any, **kwargs: Any) -> None:
@@ -102,18 +119,40 @@ def library_warnings() -> Iterator[None]:
             logger.removeHandler(handler)
 
 
+class Bar:
+    """A progress bar's handle: call it with ``(done, total)`` (the library's progress callbacks);
+    ``step(text)`` names the next stretch of work, shown with a spinner and its time until counts
+    arrive, so a model load or a dataset read is never a silent wait."""
+
+    def __init__(self, progress: Any, what: str) -> None:
+        self._progress = progress
+        self._what = what
+        self._task = progress.add_task(what, total=None)
+
+    def __call__(self, done: int, total: int | None) -> None:
+        self._progress.update(self._task, completed=done, total=total, description=self._what)
+
+    def step(self, text: str, counting: str | None = None) -> None:
+        """Show ``text`` until counts arrive; ``counting`` renames what they count from then on."""
+        self._what = escape(counting) if counting is not None else self._what
+        self._progress.reset(self._task, total=None, description=escape(text))
+
+
 @contextmanager
-def progress_bar(enabled: bool, what: str = "encoding text") -> Iterator[Callable[[int, int], None] | None]:
-    """A progress bar on stderr for long work, fed ``(done, total)`` (none when printing JSON)."""
+def progress_bar(enabled: bool, what: str = "encoding text", first_step: str | None = None) -> Iterator[Bar | None]:
+    """A progress bar on stderr for long work (none when printing JSON); ``first_step`` is what it
+    shows until the work is counted (``Bar.step``)."""
     if not enabled:
         yield None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    columns = (TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console(stderr=True), transient=True) as bar:
-        task = bar.add_task(what, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console(stderr=True), transient=True) as progress:
+        bar = Bar(progress, escape(what))
+        if first_step is not None:
+            bar.step(first_step)
+        yield bar
 
 
 def hardening_summary(recipe: dict[str, Any], effect: dict[str, Any]) -> str | None:

@@ -28,10 +28,11 @@ from forgetpack.format.errors import ForgetpackError, one_line
 
 RANDOM_INIT_SEED = 0  # the seed of every ``ARCH:none`` model; changing it changes every base fingerprint
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz")
+MINI_NAMES = ("mini", "forgetpack-mini")  # the embedded model's spec and its open_clip name (mini.MINI_ARCH)
 
 ACCEPTED = (
     "accepted: 'mini', 'ARCH:TAG' (e.g. ViT-B-32:openai), 'ARCH:none' (random init), "
-    "'ARCH:PATH' (local checkpoint), 'hf-hub:ORG/REPO'"
+    "'ARCH:PATH' (local checkpoint; 'mini:PATH' for mini's weights patched by 'forgetpack apply'), 'hf-hub:ORG/REPO'"
 )
 
 
@@ -65,9 +66,11 @@ def load_model(spec: str, device: str = "cpu") -> LoadedModel:
     if ":" not in spec:
         raise ForgetpackError(f"unknown model spec {spec!r}; {ACCEPTED}")
     arch, _, rest = spec.partition(":")
-    arch = _check_arch(arch.replace("/", "-"), spec)
     if not rest:
         raise ForgetpackError(f"model spec {spec!r} lacks weights after ':'; {ACCEPTED}")
+    if arch in MINI_NAMES and rest != "none":  # a patched or applied copy of mini's weights
+        return _load_mini(device, Path(rest).expanduser())
+    arch = _check_arch(arch.replace("/", "-"), spec)
     if rest == "none":
         return _load_random(arch, device)
     if _is_tag(arch, rest):
@@ -87,13 +90,22 @@ def load_model(spec: str, device: str = "cpu") -> LoadedModel:
 # ---------------------------------------------------------------------------- the kinds of spec
 
 
-def _load_mini(device: str) -> LoadedModel:
+def _load_mini(device: str, weights: Path | None = None) -> LoadedModel:
+    """The embedded model, or (``mini:PATH``, ``forgetpack-mini:PATH``) its architecture with
+    weights from PATH, e.g. a copy written by ``forgetpack apply``: the same classes and templates."""
     try:
         from forgetpack import mini
     except ModuleNotFoundError as exc:
         raise ForgetpackError("the embedded 'mini' model is not part of this install") from exc
-    model, preprocess, tokenizer = mini.load_mini(device=device)
-    return LoadedModel(model.eval(), preprocess, tokenizer, "mini", mini.MINI_ARCH, mini.CLASS_NAMES, mini.TEMPLATES)
+    if weights is None:
+        model, preprocess, tokenizer = mini.load_mini(device=device)
+        model_id = "mini"
+    else:
+        if weights.suffix != ".safetensors":
+            raise ForgetpackError(f"{weights}: mini's weights are a .safetensors file (as 'forgetpack apply' writes them)")
+        model, preprocess, tokenizer = mini.load_mini(device=device, weights=weights)
+        model_id = f"{mini.MINI_ARCH}:{weights.resolve()}"
+    return LoadedModel(model.eval(), preprocess, tokenizer, model_id, mini.MINI_ARCH, mini.CLASS_NAMES, mini.TEMPLATES)
 
 
 def _load_random(arch: str, device: str) -> LoadedModel:
@@ -159,6 +171,11 @@ def _load_hf_hub(spec: str, device: str) -> LoadedModel:
 def _check_arch(arch: str, spec: str) -> str:
     import open_clip
 
+    if arch in MINI_NAMES:  # known to open_clip once registered
+        from forgetpack import mini
+
+        mini.register()
+        return mini.MINI_ARCH
     models = open_clip.list_models()
     if arch in models:
         return arch

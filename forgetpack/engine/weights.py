@@ -83,10 +83,11 @@ class WeightsOnlyModel:
         return iter(())
 
 
-def run_with_model(spec: str, work: Callable[[Any], T]) -> T:
+def run_with_model(spec: str, work: Callable[[Any], T], loading: Callable[[str], None] | None = None) -> T:
     """``work(model)`` on the weights alone when a cold run recorded them and every feature it
     needs is cached; otherwise on the loaded model, recorded for the next run. Either way
-    under ``solve_threads`` (one BLAS thread: see forgetpack/engine/threads.py)."""
+    under ``solve_threads`` (one BLAS thread: see forgetpack/engine/threads.py). ``loading`` hears
+    when a model is about to be loaded (seconds a progress display should name)."""
     warm = weights_only(spec)
     if warm is not None:
         try:
@@ -96,6 +97,8 @@ def run_with_model(spec: str, work: Callable[[Any], T]) -> T:
             pass
     from forgetpack.engine.models import load_model
 
+    if loading is not None:
+        loading(f"loading {spec}")
     loaded = load_model(spec)
     with solve_threads():  # the same limit as a warm run: the same arithmetic, the same patch
         result = work(loaded)

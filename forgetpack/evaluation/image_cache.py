@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,26 +47,33 @@ def vision_fingerprint(model: torch.nn.Module, preprocess: Any) -> str:
 
 
 def encode_images(
-    loaded: Any, data: LabeledImages, *, device: str = "cpu", batch_size: int = 256, fingerprint: str | None = None
+    loaded: Any, data: LabeledImages, *, device: str = "cpu", batch_size: int = 256, fingerprint: str | None = None,
+    encoded: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """L2-normalised image embeddings of ``data`` (float32, one row per image), cached."""
+    """L2-normalised image embeddings of ``data`` (float32, one row per image), cached.
+
+    ``encoded`` hears how many images each step covered (a cached dataset: all at once)."""
     fingerprint = fingerprint or vision_fingerprint(loaded.model, loaded.preprocess)
     dataset_fingerprint = data.fingerprint()
     key = hashlib.sha256(f"{fingerprint}:{dataset_fingerprint}".encode()).hexdigest()[:40]
+    encoded = encoded or (lambda _n: None)
     if key in _MEMORY_CACHE:
+        encoded(len(data))
         return _MEMORY_CACHE[key]
     folder = cache_dir(CACHE_KIND)
     path = folder / f"{key}.safetensors" if folder is not None else None
     features = _read_entry(path, len(data)) if path is not None else None
     if features is None:
-        features = _encode(loaded, data, device, batch_size)
+        features = _encode(loaded, data, device, batch_size, encoded)
         if path is not None:
             _write_entry(path, features, {"vision": fingerprint, "dataset": dataset_fingerprint})
+    else:
+        encoded(len(data))
     _MEMORY_CACHE[key] = features
     return features
 
 
-def _encode(loaded: Any, data: LabeledImages, device: str, batch_size: int) -> np.ndarray:
+def _encode(loaded: Any, data: LabeledImages, device: str, batch_size: int, encoded: Callable[[int], None]) -> np.ndarray:
     import torch
 
     model = loaded.model
@@ -75,6 +83,7 @@ def _encode(loaded: Any, data: LabeledImages, device: str, batch_size: int) -> n
         for start in range(0, len(data), batch_size):
             batch = torch.stack([loaded.preprocess(im) for im in data.images[start : start + batch_size]])
             chunks.append(model.encode_image(batch.to(device), normalize=True).float().cpu().numpy())
+            encoded(len(batch))
     return np.concatenate(chunks).astype(np.float32)
 
 

@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -100,17 +101,20 @@ def export_loaded(loaded: LoadedModel, out: PathLike, patches: Patches = (), qua
     specs: dict[str, Tower] = {}
     projections: dict[str, ExportedProjection] = {}
     checks: dict[str, float] = {}
+
+    def to_int8(path: Path, spec: Tower, entry: ExportedProjection) -> None:
+        report(f"quantizing the {spec.file} graph to int8 ...")
+        quantize_tower(path, spec, {entry.initializer: entry})
+
     with atomic_directory(out, replace=force) as tmp, _holding(model, patched, base):
         for tower, proj in located.items():
             report(f"exporting the {tower} tower ...")
-            specs[tower], projections[proj.target], checks[tower] = export_tower(
+            specs[tower], projections[proj.target], tower_checks = export_tower(
                 model, tower, examples[tower], proj, base_fps[proj.target], current_fps[proj.target],
                 tmp / f"{tower}.onnx", opset, graph_id, cases=parity_cases(loaded) if tower == "text" else (),
+                quantize=to_int8 if quantize == "int8" else None,
             )
-        if quantize == "int8":
-            for tower, spec in specs.items():
-                report(f"quantizing the {tower} tower to int8 ...")
-                quantize_tower(tmp / spec.file, spec, projections)
+            checks.update(tower_checks)
         manifest = Manifest(
             model_id=loaded.model_id,
             arch=loaded.arch,

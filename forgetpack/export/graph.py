@@ -20,7 +20,7 @@ import contextlib
 import io
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,13 +67,17 @@ def export_tower(
     opset: int,
     graph_id: str,
     cases: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
-) -> tuple[Tower, ExportedProjection, float]:
-    """Write ``path`` and return its manifest entries and the measured ONNX-vs-torch difference.
+    quantize: Callable[[Path, Tower, ExportedProjection], None] | None = None,
+) -> tuple[Tower, ExportedProjection, dict[str, float]]:
+    """Write ``path`` and return its manifest entries and the measured ONNX-vs-torch differences.
 
     ``proj`` is the located projection (``forgetpack.engine.projections``); ``base_fp`` and
     ``current_fp`` are the fingerprints of its unpatched and its (patched) matrix. The text
     tower gets a dynamic sequence axis where its features allow it (``text_graph``); ``cases``
     are (graph input, open_clip input) pairs checked for parity besides ``example``.
+    ``quantize`` rewrites the verified fp32 graph in place (int8); the graph as shipped is then
+    measured again on the same inputs, so the difference reported is its own, not the fp32 graph's.
+    The differences are keyed as ``Manifest.export_check`` keys them (``export_checks``).
     """
     import onnx
 
@@ -99,7 +103,7 @@ def export_tower(
     set_metadata(proto, {GRAPH_ID_KEY: graph_id, "forgetpack.tower": tower})
     onnx.save_model(proto, str(path))
     checks = [(example, example if sequence is None else None), *cases]
-    reproject, check = _verify(path, reference, module, checks, input_name, proj, matrix, bias, tower)
+    reproject, fp32 = _verify(path, reference, module, checks, input_name, proj, matrix, bias, tower)
     spec = Tower(
         file=path.name,
         input=input_name,
@@ -111,7 +115,16 @@ def export_tower(
         tower=tower, initializer=proj.target, layout=proj.layout, shape=[int(d) for d in matrix.shape],
         base=base_fp, current=current_fp, bias=bias, reproject=reproject,
     )
-    return spec, entry, check
+    if quantize is None:
+        return spec, entry, export_checks(tower, fp32)
+    quantize(path, spec, entry)
+    return spec, entry, export_checks(tower, max_difference(_session(path), reference, module, checks, input_name), fp32)
+
+
+def export_checks(tower: str, shipped: float, fp32: float | None = None) -> dict[str, float]:
+    """``Manifest.export_check`` entries of a tower: the shipped graph's ONNX-vs-torch difference
+    under the tower's name and, for a quantized graph, the fp32 graph's under ``TOWER.fp32``."""
+    return {tower: shipped} if fp32 is None else {tower: shipped, f"{tower}.fp32": fp32}
 
 
 @contextlib.contextmanager
@@ -280,12 +293,7 @@ def _verify(
     """ONNX vs torch on every (graph input, reference input) pair; and whether ``features @ W (+ b)``
     reproduces ``embeddings``. The reference is open_clip's own ``encode_*``; a pair without a
     reference input is compared with the exported module (the trace example of a dynamic axis)."""
-    import onnxruntime as ort
-    import torch
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = _session(path)
     diff, reproject = 0.0, True
     bias_value = None
     if bias is not None:
@@ -295,9 +303,7 @@ def _verify(
     w = matrix.astype(np.float64)
     for graph_input, reference_input in checks:
         embeddings, features = session.run(["embeddings", "features"], {input_name: graph_input.numpy()})
-        with torch.no_grad():
-            expected = (reference(reference_input) if reference_input is not None else module(graph_input)).numpy()
-        diff = max(diff, float(np.abs(_normalise(embeddings) - _normalise(expected)).max()))
+        diff = max(diff, max_difference(session, reference, module, [(graph_input, reference_input)], input_name))
         if not diff <= PARITY_TOLERANCE:
             raise ForgetpackError(f"the exported {tower} graph disagrees with torch: max abs difference {diff:.2e} "
                                   f"on normalised embeddings (input shape {list(graph_input.shape)})")
@@ -307,6 +313,27 @@ def _verify(
         scale = max(float(np.abs(embeddings).max()), 1e-12)
         reproject = reproject and bool(np.abs(projected - embeddings).max() <= 1e-4 * scale)
     return reproject, diff
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def max_difference(session: Any, reference: Any, module: Any, checks: Sequence[tuple[Any, Any]], input_name: str) -> float:
+    """Max abs difference of normalised embeddings, graph vs torch, over ``checks`` (see ``_verify``)."""
+    import torch
+
+    diff = 0.0
+    for graph_input, reference_input in checks:
+        (embeddings,) = session.run(["embeddings"], {input_name: graph_input.numpy()})
+        with torch.no_grad():
+            expected = (reference(reference_input) if reference_input is not None else module(graph_input)).numpy()
+        diff = max(diff, float(np.abs(_normalise(embeddings) - _normalise(expected)).max()))
+    return diff
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:

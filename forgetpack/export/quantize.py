@@ -35,6 +35,9 @@ def quantize_export(src: str | os.PathLike[str], out: str | os.PathLike[str], fo
         raise ForgetpackError(f"{src}: is already {manifest.precision}")
     manifest.precision = "int8"
     manifest.graph_id = "sha256:" + hashlib.sha256(f"{manifest.graph_id}|int8".encode()).hexdigest()
+    # Without torch the int8 graphs cannot be measured against it: keep the fp32 figures as
+    # such (TOWER.fp32, as export_checks keys them) and claim none for the int8 graphs.
+    manifest.export_check = {f"{k}.fp32": v for k, v in manifest.export_check.items() if "." not in k}
     with atomic_directory(out, replace=force) as tmp:
         for tower in manifest.towers.values():
             shutil.copyfile(src / tower.file, tmp / tower.file)

@@ -19,11 +19,12 @@ import contextlib
 import copy
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from forgetpack.format.errors import ForgetpackError
+from forgetpack.format.errors import ForgetpackError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -133,31 +134,36 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN_PREFIX)}
 
 
-def load_mini(device: str = "cpu") -> tuple[torch.nn.Module, Any, Any]:
-    """The shipped ``mini`` model in eval mode, its preprocess and its tokenizer.
+def load_mini(device: str = "cpu", weights: str | os.PathLike[str] = WEIGHTS_PATH) -> tuple[torch.nn.Module, Any, Any]:
+    """The ``mini`` model in eval mode, its preprocess and its tokenizer.
 
-    Every non-MiniLM weight must be in ``mini.safetensors`` and nothing else may be: a
-    partial or foreign file is an error, not a silently half-random model.
+    ``weights`` defaults to the shipped ``mini.safetensors``; a patched or applied copy of it
+    (``forgetpack apply``) loads the same way. Every non-MiniLM weight must be in the file, and
+    nothing else may be but MiniLM's own (a full state dict): a partial or foreign file is an
+    error, not a silently half-random model.
     """
     from safetensors.torch import load_file
 
-    if not WEIGHTS_PATH.is_file():
-        raise ForgetpackError(f"mini weights not found: {WEIGHTS_PATH} (run tools/train_mini.py)")
+    weights = Path(weights)
+    if not weights.is_file():
+        hint = " (run tools/train_mini.py)" if weights == WEIGHTS_PATH else ""
+        raise ForgetpackError(f"mini weights not found: {weights}{hint}")
     model, preprocess, tokenizer = create_untrained(device)
     try:
-        state = load_file(WEIGHTS_PATH, device=str(device))
+        state = load_file(weights, device=str(device))
     except Exception as exc:  # safetensors raises its own error types
-        raise ForgetpackError(f"cannot read mini weights {WEIGHTS_PATH}: {exc}") from exc
+        raise ForgetpackError(f"cannot read mini weights {weights}: {one_line(exc)}") from exc
     expected = set(trainable_state(model))
+    frozen = set(model.state_dict()) - expected
     missing = sorted(expected - state.keys())
-    unexpected = sorted(state.keys() - expected)
+    unexpected = sorted(state.keys() - expected - frozen)
     if missing or unexpected:
         raise ForgetpackError(
-            f"{WEIGHTS_PATH} does not fit {MINI_ARCH}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            f"{weights} does not fit {MINI_ARCH}: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     try:
         model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
-        raise ForgetpackError(f"{WEIGHTS_PATH} does not fit {MINI_ARCH}: {exc}") from exc
+        raise ForgetpackError(f"{weights} does not fit {MINI_ARCH}: {one_line(exc)}") from exc
     model.eval()
     return model, preprocess, tokenizer

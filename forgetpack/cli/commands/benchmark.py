@@ -108,7 +108,7 @@ def render(report: Any) -> None:
     for s in report.solvers:
         table.add_column(f"{s} f / r / o")
         table.add_column(f"{s} S", justify="right")
-        table.add_column(f"{s} s", justify="right")
+        table.add_column(f"{s} solve s", justify="right")
     first = report.solvers[0]
     for i, row in enumerate(report.rows(first)):
         base = row.score

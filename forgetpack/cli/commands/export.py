@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
 
 from forgetpack.cli.options import FORCE, model_path
+from forgetpack.cli.render import echo, progress_bar
+from forgetpack.format.manifest import Manifest
 
 PATCH = click.Path(dir_okay=False, path_type=Path)
 
@@ -31,25 +34,47 @@ def export(model: str, patches: tuple[Path, ...], output: Path, quantize: str | 
     """
     import json
 
-    from forgetpack.export import export as run_export
+    from forgetpack.engine.models import load_model
+    from forgetpack.evaluation.quantization import quantized_accuracy
+    from forgetpack.export import export_loaded
     from forgetpack.format.fileio import check_output_dir
     from forgetpack.format.patch import read_patch
     from forgetpack.format.signing import load_public_keys, require_signed
 
     check_output_dir(output, force, inputs=[("the model", model_path(model)), *(("a patch", p) for p in patches),
                                             *(("a public key", k) for k in keys)])
-    loaded = [read_patch(p) for p in patches]
-    require_signed(loaded, load_public_keys(keys or None))  # no --key: no signature required
-    progress = (lambda line: click.echo(line, err=True)) if not as_json else None
-    manifest = run_export(model, output, loaded, quantize=quantize, opset=opset, force=force, progress=progress)
+    loaded_patches = [read_patch(p) for p in patches]
+    require_signed(loaded_patches, load_public_keys(keys or None))  # no --key: no signature required
+    accuracy = None
+    with progress_bar(not as_json, "export", first_step=f"loading {model}") as bar:
+        loaded = load_model(model)
+        manifest = export_loaded(loaded, output, loaded_patches, quantize=quantize, opset=opset, force=force,
+                                 progress=bar and (lambda line: bar.step(line)))
+        if quantize == "int8":
+            if bar:
+                bar.step("held-out accuracy, int8 beside fp32 ...")
+            accuracy = quantized_accuracy(loaded, output, loaded_patches)
     if as_json:
-        click.echo(json.dumps(manifest.to_json(), indent=2, sort_keys=True))
+        data = manifest.to_json()
+        if accuracy is not None:
+            data["quantized_accuracy"] = dataclasses.asdict(accuracy)
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
         return
     lines = [f"model      {manifest.model_id} ({manifest.precision}, opset {manifest.opset})"]
     for name, tower in manifest.towers.items():
         size = (output / tower.file).stat().st_size
-        check = manifest.export_check.get(name)
-        lines.append(f"{name:<10} {tower.file} {size / 2**20:,.1f} MiB; projection {tower.projection}"
-                     + (f"; max |onnx - torch| {check:.1e}" if check is not None else ""))
+        lines.append(f"{name:<10} {tower.file} {size / 2**20:,.1f} MiB; projection {tower.projection}{_parity(manifest, name)}")
+    if accuracy is not None:
+        lines.append(f"accuracy   {accuracy.dataset} held-out top-1 {accuracy.int8:.1%} int8, {accuracy.fp32:.1%} fp32 "
+                     f"({accuracy.images} images)")
     lines.append(f"patches    {len(manifest.patches)} baked in" + "".join(f"\n           {p['digest'][:23]}…" for p in manifest.patches))
-    click.echo("\n".join(lines))
+    echo("\n".join(lines))
+
+
+def _parity(manifest: Manifest, tower: str) -> str:
+    """The graph's own ONNX-vs-torch difference, and the fp32 graph's beside it for a quantized one."""
+    shipped, fp32 = manifest.export_check.get(tower), manifest.export_check.get(f"{tower}.fp32")
+    text = f"; max |onnx - torch| {shipped:.1e}" if shipped is not None else ""
+    if fp32 is not None:
+        text += f" ({manifest.precision}; fp32 graph {fp32:.1e})" if shipped is not None else f"; fp32 graph's max |onnx - torch| {fp32:.1e}"
+    return text

@@ -124,8 +124,9 @@ def forget(model: str, forget_names: tuple[str, ...], preserve: tuple[str, ...],
     from forgetpack.engine.solve import forget as run_forget
     from forgetpack.engine.weights import run_with_model
 
-    with progress_bar(not as_json) as progress:  # warm: no model built when every feature is cached
-        result = run_with_model(model, lambda loaded: run_forget(loaded, request, progress=progress))
+    with progress_bar(not as_json, first_step="reading the cache") as progress:  # warm: no model built when every feature is cached
+        result = run_with_model(model, lambda loaded: run_forget(loaded, request, progress=progress),
+                                loading=progress and progress.step)
     result.patch.save(output)
     _print_result(result, output, as_json)
 
@@ -152,9 +153,10 @@ def compose(model: str, patches: tuple[Path, ...], output: Path, solver: str | N
     from forgetpack.engine.solve import compose as run_compose
     from forgetpack.engine.weights import run_with_model
 
-    with progress_bar(not as_json) as progress:
+    with progress_bar(not as_json, first_step="reading the cache") as progress:
         result = run_with_model(model, lambda loaded: run_compose(loaded, loaded_patches, progress=progress,
                                                                   solver=solver, rank=rank,
-                                                                  allow_unknown=allow_unknown))
+                                                                  allow_unknown=allow_unknown),
+                                loading=progress and progress.step)
     result.patch.save(output)
     _print_result(result, output, as_json, "compose")
