@@ -175,7 +175,7 @@ def test_clip_benchmark_files_and_its_own_build(tmp_path):
         "model": "toy",
         "pretrained": patched_name,
         "task": "zeroshot_classification",
-        "metrics": {"acc1": 0.85, "mean_per_class_recall": 0.85},
+        "metrics": {"acc1": 0.85, "acc5": None, "mean_per_class_recall": 0.85},  # no ranking kept: acc5 unmeasured
         "language": "en",
         "forgetpack_patches": DIGESTS,
     }
@@ -197,6 +197,56 @@ def test_clip_benchmark_without_patches_writes_base_only(tmp_path):
     report = EvalReport("toy", [], [], base, None, {})
     names = [p.name for p in clip_benchmark.write_results(report, tmp_path / "cb")]
     assert names == ["mnist_base_toy_en_zeroshot_classification.json", "letters_base_toy_en_zeroshot_classification.json"]
+
+
+def test_acc5_is_clip_benchmarks_top5_accuracy():
+    """acc5 from the kept ranking is CLIP_benchmark's top-5 accuracy (its ``accuracy(logits, target,
+    topk=(1, 5))``, whose last line this numpy no longer runs); below five classes it is null, where
+    CLIP_benchmark writes NaN."""
+    torch = pytest.importorskip("torch")
+    from forgetpack.evaluation.harness import classify
+
+    rng = np.random.default_rng(3)
+    images, texts = rng.standard_normal((300, 16)), rng.standard_normal((12, 16))
+    labels = rng.integers(0, 12, 300)
+    ranked = ev.rank_classes(images, texts)
+    result = ev.DatasetResult("toy", [f"c{i}" for i in range(12)], labels, ranked[:, 0], ranked=ranked)
+    pred = torch.from_numpy(images @ texts.T).topk(5, 1, True, True)[1].t()  # CLIP_benchmark's accuracy()
+    correct = pred.eq(torch.from_numpy(labels).view(1, -1).expand_as(pred))
+    acc1, acc5 = (float(correct[:k].reshape(-1).float().sum()) / len(labels) for k in (1, 5))
+    assert 0 < acc1 < acc5 < 1
+    assert (result.acc1, result.acc5) == pytest.approx((acc1, acc5), abs=1e-12)
+    assert list(result.clip_benchmark_metrics()) == ["acc1", "acc5", "mean_per_class_recall"]
+    assert list(result.metrics())[:3] == ["acc1", "acc5", "mean_per_class_recall"]
+    small = ev.DatasetResult("ab", ["a", "b", "c", "d"], labels % 4, labels % 4, ranked=ev.rank_classes(images, texts[:4]))
+    assert math.isnan(small.acc5) and small.clip_benchmark_metrics()["acc5"] is None
+    texts[7] = texts[3]  # two classes with one prompt: tied everywhere, and the lower index is the prediction
+    assert np.array_equal(ev.rank_classes(images, texts)[:, 0], np.argmax(images @ texts.T, axis=1))
+    assert np.array_equal(classify(images, texts), np.argmax(images @ texts.T, axis=1))
+    assert np.array_equal(ev.rank_classes(images, texts), np.argsort(-(images @ texts.T), axis=1, kind="stable")[:, :5])
+
+
+def test_cli_clip_benchmark_files_have_acc5_and_build_reads_them(tmp_path, capsys):
+    folder = tmp_path / "abc"
+    for i, name in enumerate(("zero", "one", "two")):
+        for j in range(3):
+            (folder / name).mkdir(parents=True, exist_ok=True)
+            Image.new("L", (28, 28), 40 * i + 10 * j).save(folder / name / f"{j}.png")
+    cb = tmp_path / "cb"
+    assert main(["eval", "mini", "--dataset", "mnist", "--dataset", f"imagefolder:{folder}", "--clip-benchmark", str(cb)]) == 0
+    capsys.readouterr()
+    mnist = json.loads((cb / "mnist_base_mini_en_zeroshot_classification.json").read_text())["metrics"]
+    assert list(mnist) == ["acc1", "acc5", "mean_per_class_recall"]  # CLIP_benchmark's keys, in its order
+    assert 0.9 < mnist["acc1"] <= mnist["acc5"] <= 1.0
+    (small,) = [json.loads(p.read_text())["metrics"] for p in cb.iterdir() if not p.name.startswith("mnist")]
+    assert list(small) == ["acc1", "acc5", "mean_per_class_recall"] and small["acc5"] is None  # 3 classes
+    out = tmp_path / "benchmark.csv"
+    subprocess.run([sys.executable, "-m", "clip_benchmark.cli", "build", str(cb), "--output", str(out)],
+                   check=True, capture_output=True)  # fmt: skip
+    with out.open(newline="") as handle:
+        rows = {r["dataset"]: r for r in csv.DictReader(handle)}
+    assert float(rows["mnist"]["acc5"]) == mnist["acc5"] and len(rows) == 2
+    assert [r["acc5"] for name, r in rows.items() if name != "mnist"] == [""]
 
 
 # ----------------------------------------------------------------------------- warnings

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from forgetpack.evaluation.metrics import TASK, json_number
+from forgetpack.evaluation.metrics import TASK
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.fileio import check_output_file, write_bytes_atomic
 
@@ -48,10 +48,7 @@ def results(report: EvalReport) -> list[dict[str, Any]]:
             "model": report.model,
             "pretrained": pretrained_name(digests),
             "task": TASK,
-            "metrics": {
-                "acc1": json_number(result.acc1),
-                "mean_per_class_recall": json_number(result.mean_per_class_recall),
-            },
+            "metrics": result.clip_benchmark_metrics(),
             "language": LANGUAGE,
             "forgetpack_patches": list(digests),
         }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ from forgetpack.evaluation.metrics import (
     forget_scores,
     json_number,
     nearest_classes,
+    rank_classes,
     worst_class_drops,
 )
 from forgetpack.format.errors import ForgetpackError
@@ -157,7 +158,7 @@ def encode_classnames(
 
 def classify(image_features: np.ndarray, text_features: np.ndarray) -> np.ndarray:
     """Index of the most similar class prompt for each image."""
-    return np.argmax(image_features @ text_features.T, axis=1)
+    return rank_classes(image_features, text_features, k=1)[:, 0]
 
 
 # ----------------------------------------------------------------------------- the harness
@@ -212,13 +213,16 @@ def _predict_all(
     device: str,
     batch_size: int,
     fingerprint: str,
+    encoded: Callable[[int], None] | None = None,
 ) -> dict[str, DatasetResult]:
     results = {}
     for name, d in data.items():
-        image_features = encode_images(loaded, d, device=device, batch_size=batch_size, fingerprint=fingerprint)
+        image_features = encode_images(loaded, d, device=device, batch_size=batch_size, fingerprint=fingerprint,
+                                       encoded=encoded)
         text_features = encode_classnames(loaded, d.classnames, templates[name], device=device)
-        results[name] = DatasetResult(name, list(d.classnames), d.labels, classify(image_features, text_features),
-                                      list(templates[name]), text_features)  # fmt: skip
+        ranked = rank_classes(image_features, text_features)  # column 0 is ``classify``'s answer
+        results[name] = DatasetResult(name, list(d.classnames), d.labels, ranked[:, 0],
+                                      list(templates[name]), text_features, ranked)  # fmt: skip
     return results
 
 
@@ -240,6 +244,8 @@ def evaluate(
     *,
     device: str = "cpu",
     batch_size: int = 256,
+    progress: Callable[[int, int], None] | None = None,
+    hand_over: bool = False,
 ) -> EvalReport:
     """Evaluate ``model`` (a spec such as ``"mini"``, or a loaded model) before and after ``patches``.
 
@@ -249,7 +255,9 @@ def evaluate(
     them a forgotten class would be scored as a retained one). ``templates`` override each
     dataset's default prompt(s); several templates are ensembled. A loaded model passed in is
     never modified: patches go on a copy. Every patch is checked against the model (the fit
-    rule) before any image is encoded.
+    rule) before any image is encoded. ``progress`` hears ``(images encoded, images to encode)``
+    over the base and, with patches, the patched pass. ``hand_over=True`` gives a loaded model to
+    the evaluation, which then patches it in place instead of a copy (as it does a spec's).
     """
     data = resolve_datasets(datasets)
     patch_objects = _read_patches(patches)
@@ -267,14 +275,24 @@ def evaluate(
     else:
         per_dataset = {k: list(d.templates) for k, d in data.items()}
     loaded, owned = _as_loaded(model, device)
+    owned = owned or hand_over
     model_id = str(getattr(loaded, "model_id", model if isinstance(model, str) else "model"))
     if patch_objects:  # a patch for another model is refused now, not after the base is evaluated
         from forgetpack.engine.torch_patch import patched_matrices
 
         patched_matrices(loaded.model, patch_objects, name=model_id)
 
+    total = sum(len(d) for d in data.values()) * (2 if patch_objects else 1)
+    done = 0
+
+    def encoded(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
     fingerprint = vision_fingerprint(loaded.model, loaded.preprocess)
-    base = _predict_all(loaded, data, per_dataset, device, batch_size, fingerprint)
+    base = _predict_all(loaded, data, per_dataset, device, batch_size, fingerprint, encoded)
     patched = None
     if patch_objects:
         from forgetpack.engine.torch_patch import apply_patches
@@ -283,7 +301,7 @@ def evaluate(
         apply_patches(target.model, patch_objects, name=model_id)
         touches_vision = any(t.startswith("visual.") for p in patch_objects for t in p.targets)
         patched_fp = vision_fingerprint(target.model, target.preprocess) if touches_vision else fingerprint
-        patched = _predict_all(target, data, per_dataset, device, batch_size, patched_fp)
+        patched = _predict_all(target, data, per_dataset, device, batch_size, patched_fp, encoded)
 
     return EvalReport(
         model=model_id,

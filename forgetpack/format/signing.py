@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from forgetpack.format.errors import SignatureError
+from forgetpack.format.errors import SignatureError, one_line
 from forgetpack.format.fileio import check_output_file, write_bytes_atomic
 from forgetpack.format.patch import Patch, display_name
 
@@ -51,7 +52,7 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
-        raise SignatureError(f"{path}: not an unencrypted PEM private key ({str(exc)[:80]})") from None
+        raise SignatureError(f"{path}: not an unencrypted PEM private key ({_why_not(data, 'private', exc)})") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise SignatureError(f"{path}: not an ed25519 private key")
     return key
@@ -62,7 +63,7 @@ def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as exc:
-        raise SignatureError(f"{path}: not a PEM public key ({str(exc)[:80]})") from None
+        raise SignatureError(f"{path}: not a PEM public key ({_why_not(data, 'public', exc)})") from None
     if not isinstance(key, Ed25519PublicKey):
         raise SignatureError(f"{path}: not an ed25519 public key")
     return key
@@ -98,6 +99,22 @@ def require_signed(patches: Sequence[Patch], keys: Sequence[Ed25519PublicKey] | 
         return
     for patch in patches:
         verify_signature(patch, list(keys))
+
+
+_PEM_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
+
+
+def _why_not(data: bytes, wanted: str, exc: BaseException) -> str:
+    """Why a key file is not the ``wanted`` ("public"/"private") key, whole: the one wording for
+    both loaders. The other half of a key pair is named as such; anything else quotes the parser
+    in full, as one line (never cut at a fixed width)."""
+    labels = {m.group(1).decode() for m in _PEM_LABEL.finditer(data)}
+    other = "private" if wanted == "public" else "public"
+    if any(label.endswith(f"{other.upper()} KEY") for label in labels):
+        if wanted == "public":
+            return "it is a private key; give the public key, the .pub file written next to it"
+        return "it is a public key; signing needs the private key it was made from"
+    return one_line(exc)
 
 
 def _read(path: str | os.PathLike[str]) -> bytes:

@@ -67,6 +67,14 @@ class BuildReport:
     rows: int = 0
     ann_index: bool = False
     seconds: float = 0.0
+    skipped: int = 0  # images in the shards an earlier run committed: not read again
+    skipped_unreadable: int = 0  # of those, the ones that earlier run could not read (it listed them)
+
+    @property
+    def already_indexed(self) -> int:
+        """Images found already in the index: those of shards an earlier run committed (less the ones
+        it could not read) and, in the shards embedded now, those whose content was already stored."""
+        return self.skipped - self.skipped_unreadable + self.duplicates
 
     @property
     def images_per_s(self) -> float:
@@ -120,10 +128,13 @@ def build_index(
     done = store.done_shards()
     pending = [s for s in shards if s.key not in done]
     known = store.known_hashes()
+    finished = [s for s in shards if s.key in done]
     report = BuildReport(str(index), engine, sum(len(s.items) for s in shards), len(shards),
-                         len(shards) - len(pending), 0, 0, 0, 0, repaired=repaired)
+                         len(finished), 0, 0, 0, 0, repaired=repaired,
+                         skipped=sum(len(s.items) for s in finished),
+                         skipped_unreadable=sum(int(done[s.key]["failed"] or 0) for s in finished))
     run = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-    items_done = sum(len(s.items) for s in shards if s.key in done)
+    items_done = report.skipped
     if engine == "local":
         results = _local(session, pending, batch, known)
     else:

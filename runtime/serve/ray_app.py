@@ -10,6 +10,8 @@ therefore answered identically by every replica. Besides HTTP (through Ray's pro
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Any
 
 from runtime.serve.config import ServeConfig
@@ -55,13 +57,58 @@ def build(config: ServeConfig, replicas: int = 2, num_cpus: float = 1.0) -> Any:
     return ForgetpackReplica.bind(config)
 
 
+APP = "forgetpack"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def run_ray(config: ServeConfig, replicas: int, host: str = "127.0.0.1", port: int = 8000, block: bool = True,
             num_cpus: float = 1.0) -> Any:
-    """Start (or join) Ray, start Serve's HTTP proxy on ``host:port`` and run the deployment."""
+    """Start (or join) Ray, start Serve's HTTP proxy on ``host:port`` and run the deployment.
+
+    ``block=False`` returns the deployment handle. ``block=True`` (from the main thread) serves until
+    SIGTERM or SIGINT, then drains (:func:`drain`) and returns the signal's name; a second signal
+    while draining stops at once (KeyboardInterrupt)."""
     import ray
     from ray import serve
 
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         ray.init(include_dashboard=False)
-    serve.start(http_options={"host": host, "port": port})
-    return serve.run(build(config, replicas, num_cpus), name="forgetpack", route_prefix="/", blocking=block)
+    if not block:
+        serve.start(http_options={"host": host, "port": port})
+        return serve.run(build(config, replicas, num_cpus), name=APP, route_prefix="/")
+    received: list[str] = []
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    # after ray.init: its driver replaces SIGTERM's handler with one that dumps a stack and dies
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build(config, replicas, num_cpus), name=APP, route_prefix="/")
+        while not stop.wait(0.5):
+            pass
+        drain(shutdown_ray=started)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+    return received[0]
+
+
+def drain(shutdown_ray: bool = True) -> None:
+    """Stop the deployment the way a rolling update does: the app is deleted first, so the proxy stops
+    routing new requests to it while each replica finishes the ones it accepted (up to the deployment's
+    ``graceful_shutdown_timeout_s``) and answers them through the proxy, still up; then Serve (proxy,
+    controller) is shut down, and Ray too when ``shutdown_ray`` (this process started it)."""
+    import ray
+    from ray import serve
+
+    serve.delete(APP)
+    serve.shutdown()
+    if shutdown_ray:
+        ray.shutdown()

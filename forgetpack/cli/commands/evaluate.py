@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from forgetpack.cli.options import FORCE, model_path
-from forgetpack.cli.render import echo, print_json, warn
+from forgetpack.cli.render import echo, print_json, progress_bar, warn
 from forgetpack.format.fileio import check_output_dir, check_output_file, write_bytes_atomic
 from forgetpack.format.names import split_names
 
@@ -64,6 +64,7 @@ def evaluate(
     from forgetpack.cli.report import plot_png, render_table
     from forgetpack.evaluation import clip_benchmark
     from forgetpack.evaluation.datasets import BUILTIN
+    from forgetpack.evaluation.harness import check_forget, load, resolve_datasets
     from forgetpack.evaluation.harness import evaluate as run_evaluation
 
     inputs = [("the model", model_path(model)), *(("a patch", p) for p in patches)]
@@ -74,15 +75,23 @@ def evaluate(
     if clip_benchmark_dir is not None:  # the folder collects runs; a file of this run already there needs --force
         check_output_dir(clip_benchmark_dir, replace=True)
     # The loader's and the cache's logged warnings show up through forgetpack.cli.main.
-    report = run_evaluation(
-        model,
-        patches=list(patches),
-        forget=[n for n in split_names(forget) if n] if forget else None,  # None: what the patches record
-        datasets=list(datasets) or list(BUILTIN),
-        templates=list(templates) or None,
-        device=device,
-        batch_size=batch_size,
-    )
+    with progress_bar(not as_json, "encoding images", first_step="reading the datasets") as bar:
+        data = resolve_datasets(list(datasets) or list(BUILTIN))
+        if forget:  # a name no dataset holds is refused before the model loads
+            check_forget(split_names(forget), data)
+        if bar:
+            bar.step(f"loading {model}")
+        report = run_evaluation(
+            load(model, device),
+            patches=list(patches),
+            forget=[n for n in split_names(forget) if n] if forget else None,  # None: what the patches record
+            datasets=list(data.values()),
+            templates=list(templates) or None,
+            device=device,
+            batch_size=batch_size,
+            progress=bar,
+            hand_over=True,
+        )
     for name, n in report.skipped.items():
         warn(f"{name}: {n} unreadable image file(s) skipped")
     if report.forget_from_patches:

@@ -52,7 +52,8 @@ def index(source: str, model: str, index: str, ray_address: str | None, workers:
         )
     summary = {
         "index": report.index, "engine": report.engine, "items": report.items, "rows": report.rows,
-        "added": report.added, "duplicates": report.duplicates, "failed": report.failed,
+        "added": report.added, "already_indexed": report.already_indexed, "duplicates": report.duplicates,
+        "failed": report.failed, "skipped": {"images": report.skipped, "unreadable": report.skipped_unreadable},
         "failures": [{"image": k, "reason": r} for k, r in report.failures],
         "shards": {"total": report.shards_total, "skipped": report.shards_skipped, "committed": report.shards_committed,
                    "repaired": report.repaired},
@@ -63,7 +64,9 @@ def index(source: str, model: str, index: str, ray_address: str | None, workers:
         return
     show(key_value_table(f"index {report.index}", [
         ("engine", report.engine), ("images", f"{report.items:,} listed, {report.added:,} added, "
-                                              f"{report.duplicates:,} already indexed, {report.failed:,} unreadable"),
+                                              f"{report.already_indexed:,} already indexed, {report.failed:,} unreadable"
+                                              + (f" (and {report.skipped_unreadable:,} an earlier run could not read)"
+                                                 if report.skipped_unreadable else "")),
         ("shards", f"{report.shards_committed} committed, {report.shards_skipped} done before"
                    + (f", {report.repaired} half-committed redone" if report.repaired else "")),
         ("rows", f"{report.rows:,}" + (" (ANN index built)" if report.ann_index else "")),

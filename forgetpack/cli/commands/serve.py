@@ -53,7 +53,8 @@ def serve(source: str, host: str, port: int, patches_dir: Path | None, default_p
         if check:
             raise ForgetpackError("--check and --ray do not go together")
         echo(f"serving {escape(source)} with Ray Serve, {replicas} replica(s), on http://{escape(host)}:{port}/", err=True)
-        run_ray(config, replicas=replicas, host=host, port=port, block=True)
+        stopped_by = run_ray(config, replicas=replicas, host=host, port=port, block=True)
+        echo(f"{stopped_by}: stopped taking requests, finished the accepted ones, shut Ray Serve down", err=True)
         return
 
     from runtime.serve.app import create_app
