@@ -4,8 +4,10 @@ Subcommands live in ``forgetpack.cli.commands.*`` and are imported only when use
 ``forgetpack --help``, ``inspect`` and ``verify`` never pay for torch. A command module
 must therefore keep heavy imports (torch, open_clip, onnx) inside its functions.
 
-Any ``ForgetpackError`` becomes one line on stderr and exit status 1: no traceback. Warnings the
-library logs are shown as ``warning: ...`` lines (``render.library_warnings``).
+Any ``ForgetpackError`` becomes one line on stderr and exit status 1: no traceback. So does a
+``ModuleNotFoundError`` for a module an optional install provides: the line names the extra to
+install (``cli.extras``); a command whose extra is missing is still listed and callable. Warnings
+the library logs are shown as ``warning: ...`` lines (``render.library_warnings``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import click
 
 from forgetpack import __version__
+from forgetpack.cli.extras import MissingExtra, missing_extra
 from forgetpack.cli.render import echo, library_warnings
 from forgetpack.format.errors import ForgetpackError
 
@@ -52,6 +55,16 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         return self._load(cmd_name)
 
+    def invoke(self, ctx: click.Context) -> object:
+        """Run the subcommand; a module it needs from a missing extra becomes ``MissingExtra``."""
+        try:
+            return super().invoke(ctx)
+        except ModuleNotFoundError as exc:
+            error = missing_extra(ctx.invoked_subcommand, exc)
+            if error is None:
+                raise  # not an optional install: a bug, with its traceback
+            raise error from None
+
     @staticmethod
     def _load(name: str) -> click.Command | None:
         target = COMMANDS.get(name)
@@ -62,10 +75,25 @@ class LazyGroup(click.Group):
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
             # A command whose module is not part of this install is simply absent.
-            if exc.name and module_name.startswith(exc.name):
+            if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
                 return None
-            raise
+            # One whose module imports a missing extra is listed, and says which extra when run.
+            error = missing_extra(name, exc)
+            if error is None:
+                raise
+            return _needs_extra(name, error)
         return getattr(module, attr)
+
+
+def _needs_extra(name: str, error: MissingExtra) -> click.Command:
+    """A stand-in for command ``name`` that takes any arguments and raises ``error``."""
+
+    def fail(args: tuple[str, ...]) -> None:
+        raise error
+
+    return click.Command(name, callback=fail, help=str(error), short_help=f"(needs the {error.extra} extra)",
+                         params=[click.Argument(["args"], nargs=-1, type=click.UNPROCESSED)],
+                         context_settings={"ignore_unknown_options": True, "help_option_names": []})
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

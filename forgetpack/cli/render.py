@@ -140,9 +140,9 @@ class Bar:
 
 @contextmanager
 def progress_bar(enabled: bool, what: str = "encoding text", first_step: str | None = None) -> Iterator[Bar | None]:
-    """A progress bar on stderr for long work (none when printing JSON); ``first_step`` is what it
-    shows until the work is counted (``Bar.step``)."""
-    if not enabled:
+    """A progress bar on stderr for long work (none when printing JSON, or when stderr is a file or
+    a pipe: a log gets no bar); ``first_step`` is what it shows until the work is counted (``Bar.step``)."""
+    if not enabled or not sys.stderr.isatty():
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
