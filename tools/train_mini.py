@@ -121,6 +121,7 @@ TRAIN_SETS = (
     ("fashion", "fashion", 0.25),
     ("quickdraw-345", "drawing", 3.0),
 )
+ANGLE, SCALE, SHEAR, SHIFT = 0.2, 0.15, 0.15, 0.15  # random_affine's ranges (radians, ±share)
 HELDOUT = ("mnist", "digits", "letters", "fashion", "quickdraw", "quickdraw-345")
 
 
@@ -154,17 +155,37 @@ def random_affine(x: torch.Tensor, background: float, gen: torch.Generator, flip
     def u(lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(n, generator=gen)
 
-    angle = u(-0.2, 0.2)
-    scale = u(0.85, 1.15)
-    shear = u(-0.15, 0.15)
+    angle = u(-ANGLE, ANGLE)
+    scale = u(1 - SCALE, 1 + SCALE)
+    shear = u(-SHEAR, SHEAR)
     mirror = torch.where(flip & (torch.rand(n, generator=gen) < 0.5), -1.0, 1.0)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 1] = cos * mirror, -sin + shear
     theta[:, 1, 0], theta[:, 1, 1] = sin * mirror, cos
-    theta[:, :, 2] = torch.stack([u(-0.15, 0.15), u(-0.15, 0.15)], dim=1)
+    theta[:, :, 2] = torch.stack([u(-SHIFT, SHIFT), u(-SHIFT, SHIFT)], dim=1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x - background, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + background
+
+
+def stroke_and_cutout(x: torch.Tensor, background: float, gen: torch.Generator, where: torch.Tensor) -> torch.Tensor:
+    """Where ``where``: thicker or thinner strokes (a 3x3 max or min filter, a third of the time
+    each), and half of the time one 10x10 square blanked to the background. Drawings at 75 per
+    class are memorised otherwise (93% train against 50% held-out top-1)."""
+    n = x.shape[0]
+    kind = torch.randint(3, (n,), generator=gen)
+    thick = F.max_pool2d(x, 3, stride=1, padding=1)
+    thin = -F.max_pool2d(-x, 3, stride=1, padding=1)
+    out = torch.where((where & (kind == 1))[:, None, None, None], thick, x)
+    out = torch.where((where & (kind == 2))[:, None, None, None], thin, out)
+    size = x.shape[-1]
+    cy = torch.randint(size, (n,), generator=gen)
+    cx = torch.randint(size, (n,), generator=gen)
+    blank = where & (torch.rand(n, generator=gen) < 0.5)
+    ys = torch.arange(size)[None, :, None]
+    xs = torch.arange(size)[None, None, :]
+    square = ((ys - cy[:, None, None]).abs() <= 5) & ((xs - cx[:, None, None]).abs() <= 5) & blank[:, None, None]
+    return out.masked_fill(square[:, None], background)
 
 
 @torch.no_grad()
@@ -215,6 +236,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sets", default=",".join(s for s, _, _ in TRAIN_SETS), help="train on these sets only")
     parser.add_argument("--vision", default=None, help="experiment: open_clip vision_cfg JSON instead of config.json's")
+    parser.add_argument("--shares", default="", help="experiment: SET=TIMES,... overrides TRAIN_SETS' times per epoch")
+    parser.add_argument("--strong", action="store_true", help="experiment: stroke/cutout augmentation of mirrored sets, wider affine")
+    parser.add_argument("--label-smoothing", type=float, default=0.0)
     parser.add_argument("--out", type=Path, default=mini.WEIGHTS_PATH)
     args = parser.parse_args()
 
@@ -233,7 +257,12 @@ def main() -> None:
     families = {f.name: f for f in FAMILIES}
     entries: list[tuple[str, str]] = []  # (family, class name): one text target each
     parts = []
+    shares = {k: float(v) for k, v in (item.split("=") for item in args.shares.split(",") if item)}
+    if args.strong:
+        global ANGLE, SCALE, SHEAR, SHIFT
+        ANGLE, SCALE, SHEAR, SHIFT = 0.3, 0.25, 0.25, 0.2
     for name, family, times in TRAIN_SETS:
+        times = shares.get(name, times)
         if name not in chosen:
             continue
         data = fd.load_dataset(name, "train")
@@ -304,12 +333,18 @@ def main() -> None:
             sl = slice(i * args.batch_size, (i + 1) * args.batch_size)
             y = y_epoch[sl]
             x = random_affine(x_epoch[sl], background, gen, flip_epoch[sl])
+            if args.strong:
+                x = stroke_and_cutout(x, background, gen, flip_epoch[sl])
             pick = torch.randint(n_templates, (len(entries),), generator=gen)
             text = F.normalize(model.text.proj(pooled[rows, pick]), dim=-1)
             image = F.normalize(model.visual(x), dim=-1)
             logits = model.logit_scale.exp() * image @ text.T
             logits = logits.masked_fill(same_name_other[y], float("-inf"))
             loss = F.cross_entropy(logits, y)
+            if args.label_smoothing:  # spread over the allowed classes only (masked ones are -inf)
+                valid = torch.isfinite(logits)
+                spread = -(logits.log_softmax(1).masked_fill(~valid, 0.0).sum(1) / valid.sum(1)).mean()
+                loss = (1 - args.label_smoothing) * loss + args.label_smoothing * spread
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
             optimizer.zero_grad(set_to_none=True)
