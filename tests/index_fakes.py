@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image
@@ -42,7 +43,7 @@ class FakeBackend(Backend):
     name = "fake"
     logit_scale = 100.0
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, precision: str | None = None):
         rng = np.random.default_rng(seed)
         self.model_id = f"fake-digits-{seed}"
         self.base = {TEXT: rng.standard_normal((WIDTH, DIM)).astype(np.float32)}
@@ -50,6 +51,14 @@ class FakeBackend(Backend):
         self.targets = {n: TargetInfo(m.shape, fingerprint(m), "in_out") for n, m in self.base.items()}
         self.matrices = dict(self.base)
         self.images_encoded = 0
+        self.precision = precision
+        if precision is not None:  # as an export: a manifest naming the image tower, its projection and precision
+            self.manifest = SimpleNamespace(
+                model_id=self.model_id, embed_dim=DIM, precision=precision, opset=17, preprocess={"size": 16},
+                export_id=f"sha256:export-{seed}-{precision}", graph_id=f"sha256:graph-{seed}-{precision}",
+                towers={"image": SimpleNamespace(projection=IMAGE, input="pixels", input_shape=["batch", 1, 16, 16],
+                                                 input_dtype="float32", embeddings="embeddings")},
+                projections={IMAGE: SimpleNamespace(current=self.targets[IMAGE].base)})
 
     def image_features(self, image: Image.Image) -> np.ndarray:
         grey = np.asarray(image.convert("L"), dtype=np.float64)
@@ -70,7 +79,8 @@ class FakeBackend(Backend):
     def encode_images(self, images):
         self.images_encoded += len(images)
         features = np.stack([self.image_features(im) for im in images]) if images else np.zeros((0, WIDTH), np.float32)
-        return features @ self.matrices[IMAGE]
+        out = features @ self.matrices[IMAGE]
+        return np.round(out * 16) / 16 if self.precision == "int8" else out  # int8: coarser numbers, the same tower
 
     def encode_texts(self, texts):
         return self.text_features(list(texts)) @ self.matrices[TEXT]
@@ -85,13 +95,14 @@ class FakeFactory:
     """What the engines call to get a model; ``source`` is what the index records."""
 
     seed: int = 0
+    precision: str | None = None  # "fp32" | "int8": with an export-like manifest
 
     @property
     def source(self) -> str:
-        return f"fake:{self.seed}"
+        return f"fake:{self.seed}" + (f":{self.precision}" if self.precision else "")
 
     def __call__(self) -> runtime.Model:
-        return runtime.Model(FakeBackend(self.seed))
+        return runtime.Model(FakeBackend(self.seed, self.precision))
 
 
 def forget(model: runtime.Model, label: str, template: str = "a photo of the number {}.") -> Patch:

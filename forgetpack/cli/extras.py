@@ -26,8 +26,9 @@ EXTRA_MODULES: dict[str, frozenset[str]] = {
     "onnx": frozenset(_RUNTIME),
     "torch": frozenset(_TORCH),
     "export": frozenset((*_TORCH, *_RUNTIME, "onnx", "onnxscript")),
-    "serve": frozenset((*_RUNTIME, "fastapi", "starlette", "pydantic", "uvicorn", "python_multipart", "prometheus_client")),
-    "index": frozenset((*_RUNTIME, "lancedb", "pyarrow", "pandas")),
+    "serve": frozenset((*_RUNTIME, "fastapi", "starlette", "pydantic", "uvicorn", "python_multipart", "prometheus_client",
+                         "filelock")),
+    "index": frozenset((*_RUNTIME, "lancedb", "pyarrow", "pandas", "filelock")),
     "ray": frozenset(("ray",)),
 }
 

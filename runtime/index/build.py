@@ -31,6 +31,7 @@ from runtime.index.store import (
     ShardRows,
     check_same_tower,
     model_identity,
+    writer_lock,
 )
 
 log = logging.getLogger(__name__)
@@ -98,21 +99,34 @@ def build_index(
     ann: bool | None = None,
     progress: Callable[[BuildProgress], None] | None = None,
     force: bool = False,
+    lock_timeout: float = 0.0,
 ) -> BuildReport:
     """Embed the images of ``source`` into the index at ``index`` (created, or continued with ``resume``).
 
     ``model`` is an export directory / model spec, or a picklable callable returning a runtime
     ``Model``. ``ann``: build the ANN index (None: when the table reaches ``ANN_MIN_ROWS``).
     ``force``: build a new index beside a local one and swap it in when complete, so
-    the old one stays usable until then (a killed run leaves it as it was)."""
+    the old one stays usable until then (a killed run leaves it as it was).
+    One build writes to a local index at a time (:func:`~runtime.index.store.writer_lock`): another
+    fails at once (or after ``lock_timeout`` seconds) in one line."""
+    with writer_lock(index, lock_timeout):
+        return _build(source, index, model, engine=engine, resume=resume, batch=batch, shard_size=shard_size,
+                      threads=threads, column=column, ray_address=ray_address, workers=workers, ann=ann,
+                      progress=progress, force=force)
+
+
+def _build(source: str | os.PathLike[str], index: str | os.PathLike[str], model: str | ModelFactory, *, engine: str,
+           resume: bool, batch: int, shard_size: int, threads: int | None, column: str | None, ray_address: str | None,
+           workers: int, ann: bool | None, progress: Callable[[BuildProgress], None] | None, force: bool) -> BuildReport:
     if force:
         if resume:
             raise ForgetpackError("give only one of resume (add to the index) and force (build it anew)")
         if "://" in str(index):
             raise ForgetpackError(f"{index}: an index in object storage cannot be replaced in one step; remove it first")
-        with atomic_directory(index, replace=True) as fresh:
-            report = build_index(source, fresh, model, engine=engine, batch=batch, shard_size=shard_size, threads=threads,
-                                 column=column, ray_address=ray_address, workers=workers, ann=ann, progress=progress)
+        with atomic_directory(index, replace=True) as fresh:  # private to this run: the lock on ``index`` covers it
+            report = _build(source, fresh, model, engine=engine, resume=False, batch=batch, shard_size=shard_size,
+                            threads=threads, column=column, ray_address=ray_address, workers=workers, ann=ann,
+                            progress=progress, force=False)
         report.index = str(index)
         return report
     if engine not in ENGINES:
@@ -173,13 +187,15 @@ def _open_store(uri: str, model: Any, source: str, resume: bool) -> tuple[IndexS
         if not resume:
             raise ForgetpackError(f"{uri}: an index is already there (pass --resume to continue it or add to it)")
         store = IndexStore.open(uri)
-        check_same_tower(store.meta, model, uri)
+        check_same_tower(store.meta, model, uri, adding=True)
         return store, store.repair()
     leftover = {p.name for p in Path(uri).iterdir()} if not remote and Path(uri).is_dir() else set()
     if not remote and Path(uri).exists() and not leftover <= {SHARDS + ".lance"}:  # a run killed while creating: go on
         raise ForgetpackError(f"{uri}: exists and is not an index (choose a new folder)")
     identity = model_identity(model, source)
-    return IndexStore.create(uri, identity, _embed_dim(model)), 0
+    store = IndexStore.create(uri, identity, _embed_dim(model))
+    check_same_tower(store.meta, model, uri, adding=True)  # object storage: another writer may have made it meanwhile
+    return store, 0
 
 
 def _model_source(model: str | os.PathLike[str]) -> str:

@@ -22,7 +22,7 @@ from forgetpack.format.fileio import atomic_output, check_output_file
 from forgetpack.format.names import check_labels, check_templates
 from forgetpack.format.patch import Patch, read_patch
 from runtime.index.embed import load_towers
-from runtime.index.store import IndexStore, check_patches_fit, check_same_tower, embeddings_of
+from runtime.index.store import IndexStore, check_patches_fit, check_same_tower, check_unit, embeddings_of
 
 CHUNK_ROWS = 8192  # 8,192 x 512 float32 = 16 MiB per chunk for ViT-B-32; LanceDB's scan buffers grow with it
 
@@ -128,6 +128,7 @@ def rescore(
         columns_read = ["content_hash", "path", "embedding"] if out is not None else ["embedding"]
         for batch in store.batches(columns_read, chunk_rows):
             embeddings = embeddings_of(batch, store.dim)
+            check_unit(store.uri, embeddings, lambda i, start=done: f"row {start + i:,}")
             label, score = classify_embeddings(embeddings, weights, scale, work)
             counts += np.bincount(label, minlength=n)
             columns: dict[str, Any] = {"label": label, "score": score}

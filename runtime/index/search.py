@@ -19,7 +19,7 @@ import numpy as np
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.names import check_labels
 from runtime.index.rescore import PatchInput, class_weights, open_session, patched
-from runtime.index.store import IndexStore, embeddings_of
+from runtime.index.store import IndexStore, check_unit, embeddings_of, lance_errors
 
 NPROBES = 32
 REFINE_FACTOR = 4
@@ -55,13 +55,16 @@ def nearest(store: IndexStore, vector: np.ndarray, k: int) -> tuple[list[Hit], b
     if type(k) is not int or k < 1:
         raise ForgetpackError(f"k must be a positive whole number, not {k!r}")
     ann = store.has_ann()
-    query = store.table.search(np.asarray(vector, np.float32), vector_column_name="embedding").metric("dot")
-    if ann:
-        query = query.nprobes(NPROBES).refine_factor(REFINE_FACTOR)
-    found = query.select(["path", "content_hash", "embedding", "_distance"]).limit(k).to_arrow()
-    scores = embeddings_of(found, store.dim) @ np.asarray(vector, np.float32) if found.num_rows else np.zeros(0)
-    order = np.argsort(-scores, kind="stable")
+    with lance_errors(store.uri, "searching"):
+        query = store.table.search(np.asarray(vector, np.float32), vector_column_name="embedding").metric("dot")
+        if ann:
+            query = query.nprobes(NPROBES).refine_factor(REFINE_FACTOR)
+        found = query.select(["path", "content_hash", "embedding", "_distance"]).limit(k).to_arrow()
     paths, hashes = found.column("path").to_pylist(), found.column("content_hash").to_pylist()
+    embeddings = embeddings_of(found, store.dim)
+    check_unit(store.uri, embeddings, lambda i: paths[i])
+    scores = embeddings @ np.asarray(vector, np.float32) if found.num_rows else np.zeros(0)
+    order = np.argsort(-scores, kind="stable")
     return [Hit(paths[i], hashes[i], float(scores[i])) for i in order], ann
 
 

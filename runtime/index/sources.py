@@ -20,6 +20,9 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", 
 PATH_COLUMNS = ("path", "image_path", "file", "filename")
 BYTES_COLUMNS = ("bytes", "image", "image_bytes", "content")
 LIST_SUFFIXES = (".txt", ".lst", ".list")
+# The largest image file read: an uncompressed 40-megapixel RGBA TIFF or BMP (the runtime's pixel
+# budget) is 160 MB. A file over it is refused from its size (stat), before a byte is read.
+MAX_IMAGE_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -31,9 +34,21 @@ class Item:
 
     def read(self) -> bytes:
         if self.data is not None:
-            return self.data
-        with open(check_input_file(self.key, "image"), "rb") as handle:
-            return handle.read()
+            return check_image_bytes(self.key, len(self.data)) and self.data
+        path = check_input_file(self.key, "image")
+        check_image_bytes(self.key, path.stat().st_size)
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_IMAGE_BYTES + 1)  # a file grown since its stat is still bounded
+        check_image_bytes(self.key, len(data))
+        return data
+
+
+def check_image_bytes(name: str, size: int) -> bool:
+    """The one rule for an image's size in bytes (from a stat, or of bytes in a table): over
+    ``MAX_IMAGE_BYTES`` is refused in one line. True when it passes."""
+    if size > MAX_IMAGE_BYTES:
+        raise ForgetpackError(f"{name}: {size:,} bytes is over the limit of {MAX_IMAGE_BYTES:,} for an image file")
+    return True
 
 
 def content_hash(data: bytes) -> str:

@@ -18,8 +18,9 @@ SHOWN_FAILURES = 20
 
 @click.command()
 @click.argument("source")
-@click.option("--model", required=True, metavar="DIR_OR_MODEL", help="Export directory (onnx) or model spec that embeds the images.")
-@click.option("-o", "--output", "index", required=True, metavar="INDEX", help="The index (a LanceDB folder, or an object-storage URI).")
+@click.option("--model", default=None, metavar="DIR_OR_MODEL", help="Export directory (onnx) or model spec that embeds the images.")
+@click.option("-o", "--output", "index", default=None, metavar="INDEX", help="The index (a LanceDB folder, or an object-storage URI).")
+@click.option("--verify", is_flag=True, help="Check the index named by SOURCE instead: every row read, norms and digests checked.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Embed on Ray Data: a local instance, or the cluster at ADDRESS.")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True, help="Ray actors (one runtime session each).")
@@ -31,12 +32,23 @@ SHOWN_FAILURES = 20
 @click.option("--ann/--no-ann", default=None, help="Build the ANN index now (default: once the table has 100,000 rows).")
 @FORCE
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def index(source: str, model: str, index: str, ray_address: str | None, workers: int, batch: int, shard_size: int,
-          threads: int | None, column: str | None, resume: bool, ann: bool | None, force: bool, as_json: bool) -> None:
-    """Embed the images of SOURCE (a folder, a .txt list of paths, or a .parquet/.csv table) into INDEX."""
+def index(source: str, model: str | None, index: str | None, verify: bool, ray_address: str | None, workers: int,
+          batch: int, shard_size: int, threads: int | None, column: str | None, resume: bool, ann: bool | None,
+          force: bool, as_json: bool) -> None:
+    """Embed the images of SOURCE (a folder, a .txt list of paths, or a .parquet/.csv table) into INDEX.
+
+    With --verify, SOURCE is an index to check: exit 1 with one line naming the damage."""
     from forgetpack.format.fileio import check_output_dir
     from runtime.index import build_index
 
+    if verify:
+        if model or index or resume or force or ray_address:
+            raise ForgetpackError("--verify checks the index given as SOURCE; give it alone (with --json if wanted)")
+        _verify(source, as_json)
+        return
+    for given, name in ((model, "--model"), (index, "-o/--output")):
+        if not given:
+            raise click.UsageError(f"Missing option '{name}'.")
     if resume and force:
         raise ForgetpackError("give only one of --resume (add to INDEX) and --force (build it anew)")
     if "://" not in index:  # an existing index needs --resume or --force; never the source or the model
@@ -76,6 +88,23 @@ def index(source: str, model: str, index: str, ray_address: str | None, workers:
         echo(f"unreadable: {key}: {reason}")
     if report.failed > SHOWN_FAILURES:
         echo(f"… and {report.failed - SHOWN_FAILURES} more (--json lists them all)")
+
+
+def _verify(index: str, as_json: bool) -> None:
+    from runtime.index import verify_index
+
+    report = verify_index(index)
+    if as_json:
+        print_json({"index": report.index, "rows": report.rows, "shards": report.shards, "damaged": report.damaged,
+                    "not_unit": report.not_unit, "duplicates": report.duplicates,
+                    "digest_mismatch": report.digest_mismatch, "missing_rows": report.missing_rows,
+                    "uncommitted": report.uncommitted, "digests": report.digests, "examples": report.examples})
+    if report.damaged:
+        raise ForgetpackError(f"{report.index}: the index is damaged: {report.summary()}; re-index it (--force)")
+    if not as_json:
+        echo(f"{report.index}: {report.rows:,} rows in {report.shards:,} shards checked: no damage found"
+             + ("" if report.digests else " (norms only: made before digests were recorded)")
+             + (f"; {report.uncommitted:,} rows of a killed run, redone by the next --resume" if report.uncommitted else ""))
 
 
 def _local(path: str) -> Path | None:
