@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from forgetpack.format.errors import ForgetpackError, one_line
 from forgetpack.format.fileio import check_input_file
@@ -27,6 +27,20 @@ ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 # takes a 6000 x 6000 photo; pass ``max_pixels`` to ``runtime.load`` to change it.
 MAX_PIXELS = 40_000_000
 MAX_ASPECT = 100  # a panorama is 10:1; resizing a 100:1 strip's short side to 224 already makes 5 megapixels
+
+# The image formats decoded, and only these: PIL's other plugins (EPS through Ghostscript, PSD,
+# ICNS, the scientific formats…) are never reached, whatever bytes arrive. TIFF is left out on
+# purpose: photos come as JPEG, PNG or WebP, and TIFF's decoders are PIL's largest attack surface.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+FORMAT_NAMES = "PNG, JPEG, WebP, GIF or BMP"
+
+
+class ImageTooLarge(ForgetpackError):
+    """An image over the pixel budget or too elongated, known from its header (HTTP 413 in the service)."""
+
+
+class UnsupportedImage(ForgetpackError):
+    """Bytes that are not an image in one of :data:`IMAGE_FORMATS` (HTTP 415 in the service)."""
 
 _PIL_MODES = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "box": Image.BOX,
               "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
@@ -42,9 +56,27 @@ def _check_size(name: str, width: int, height: int, max_pixels: int) -> None:
     if width < 1 or height < 1:
         raise ForgetpackError(f"{name}: an image of {width}x{height} pixels has nothing to classify")
     if width * height > max_pixels:
-        raise ForgetpackError(f"{name}: {width}x{height} pixels is over the budget of {max_pixels:,} (max_pixels)")
+        raise ImageTooLarge(f"{name}: {width}x{height} pixels is over the budget of {max_pixels:,} (max_pixels)")
     if max(width, height) > MAX_ASPECT * min(width, height):
-        raise ForgetpackError(f"{name}: a {width}x{height} image is too elongated to resize (aspect ratio over {MAX_ASPECT})")
+        raise ImageTooLarge(f"{name}: a {width}x{height} image is too elongated to resize (aspect ratio over {MAX_ASPECT})")
+
+
+def open_image(handle: Any, name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The one place images are opened: the header only, in :data:`IMAGE_FORMATS` only, size checked."""
+    try:
+        image = Image.open(handle, formats=IMAGE_FORMATS)  # reads the header only
+    except Image.DecompressionBombError:  # PIL's own ceiling, for headers far over any budget
+        raise ImageTooLarge(f"{name}: image refused: its header declares far more than {max_pixels:,} pixels") from None
+    except UnidentifiedImageError:
+        raise UnsupportedImage(f"{name}: cannot decode image: not an image in a format this runtime reads ({FORMAT_NAMES})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # a header that breaks off, an unreadable file
+        raise ForgetpackError(f"{name}: cannot decode image ({one_line(exc, 200)})") from None
+    try:
+        _check_size(name, image.width, image.height, max_pixels)
+    except ForgetpackError:
+        image.close()
+        raise
+    return image
 
 
 def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -69,16 +101,14 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
         handle = check_input_file(source, "image")
     else:
         raise ForgetpackError(f"cannot read an image from a {type(source).__name__}")
+    image = open_image(handle, name, max_pixels)
     try:
-        image = Image.open(handle)  # reads the header only
-        _check_size(name, image.width, image.height, max_pixels)
         image.load()  # decode now, so a truncated or corrupt file fails here, not mid-batch
     except Image.DecompressionBombError as exc:
         raise ForgetpackError(f"{name}: image refused ({exc})") from None
     except (OSError, ValueError, SyntaxError) as exc:  # PIL's UnidentifiedImageError is an OSError
         raise ForgetpackError(f"{name}: cannot decode image ({one_line(exc, 200)})") from None
     return image
-
 
 
 # ---------------------------------------------------------------------------- the steps

@@ -197,7 +197,7 @@ def test_limits_and_json_errors(export_dir, images):
     from fastapi.testclient import TestClient
 
     limits = Limits(max_body_bytes=200_000, max_images=2, max_labels=3, max_pixels=40 * 40)
-    with TestClient(create_app(ServeConfig(source=str(export_dir), threads=1, limits=limits, max_queue=1))) as c:
+    with TestClient(create_app(ServeConfig(source=str(export_dir), threads=1, limits=limits, max_queue=2))) as c:
         def err(response, status, text):
             assert response.status_code == status, response.text
             assert text in response.json()["error"]["message"]
@@ -217,8 +217,12 @@ def test_limits_and_json_errors(export_dir, images):
         err(c.post("/v1/classify", content=b"{not json", headers={"content-type": "application/json"}), 422, "JSON")
         err(c.post("/v1/classify", content=b"--x\r\n", headers={"content-type": "multipart/form-data; boundary=x"}), 422, "labels")
         err(c.post("/v1/embed/text", json={"texts": ["x"], "patches": ["nope"]}), 422, "no patch")
-        # a full queue answers 503 with Retry-After at once (here: 2 images against a queue of 1)
-        r = c.post("/v1/classify", json={"images": one * 2, "labels": ["a"]})
+        # a full queue answers 503 with Retry-After at once (here: 2 images against a queue of 2, one taken)
+        c.app.state.service.batcher.queued = 1
+        try:
+            r = c.post("/v1/classify", json={"images": one * 2, "labels": ["a"]})
+        finally:
+            c.app.state.service.batcher.queued = 0
         assert r.status_code == 503 and r.headers["retry-after"] == "1" and "busy" in r.json()["error"]["message"]
         assert c.post("/v1/classify", json={"images": one, "labels": ["a"]}).status_code == 200
 
@@ -304,7 +308,7 @@ def test_cli_check_and_bad_source(export_dir, patch_files, capsys, tmp_path):
     assert code == 0, err
     info = json.loads(out)
     assert info["model"] == "mini" and len(info["default"]["patches"]) == 1
-    assert (tmp_path / "reg" / "registry.json").is_file()
+    assert not (tmp_path / "reg").exists()  # --check writes nothing
     assert main(["serve", str(tmp_path / "missing")]) == 1
     assert "not an export directory" in capsys.readouterr().err
 

@@ -2,7 +2,9 @@
 
 Every error is JSON ``{"error": {"status": N, "message": "..."}}``: 400 malformed, 401/403 admin
 token, 404 unknown patch, 409 patch in use, 413 over a limit, 415 media type or image format,
-422 invalid input, 503 overloaded (with Retry-After) or shutting down. Nothing a client sends
+422 invalid input, 503 overloaded (with Retry-After), shutting down, or the registry folder or its
+index unusable. Bodies are counted while they are read, whatever Content-Length says (a chunked
+body is cut off at the limit), and no answer carries a server path. Nothing a client sends
 produces a 500 (the schema fuzz test holds the app to it).
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,14 +28,16 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from forgetpack import __version__
 from forgetpack.format.errors import ForgetpackError, PatchError, one_line
+from runtime.preprocess import ImageTooLarge, UnsupportedImage
 from runtime.serve import schemas
 from runtime.serve.batching import Closed, Overloaded
 from runtime.serve.config import ServeConfig, token_matches
 from runtime.serve.metrics import route_of
-from runtime.serve.registry import PatchInUse, UnknownPatch
+from runtime.serve.registry import PatchInUse, RegistryUnavailable, UnknownPatch
 from runtime.serve.service import Service, TooLarge, Unsupported
 
 PAGE = Path(__file__).with_name("page") / "index.html"
+TOP_K_RE = re.compile(r"[0-9]{1,4}")
 
 
 class HTTPError(Exception):
@@ -47,7 +52,8 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> J
 
 def status_of(exc: ForgetpackError) -> int:
     """The one mapping from library errors to HTTP statuses."""
-    for kind, status in ((TooLarge, 413), (Unsupported, 415), (PatchInUse, 409)):
+    for kind, status in ((TooLarge, 413), (ImageTooLarge, 413), (Unsupported, 415), (UnsupportedImage, 415),
+                         (PatchInUse, 409), (RegistryUnavailable, 503)):
         if isinstance(exc, kind):
             return status
     return 422  # bad labels, unknown ids, a patch that does not fit or is not signed
@@ -103,6 +109,7 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
     # -- reading bodies ------------------------------------------------------------------
 
     async def read_body(request: Request) -> bytes:
+        """The body, refused (413) as soon as it passes the limit: every route that reads one calls this."""
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
@@ -136,6 +143,17 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
         except ValidationError as exc:
             raise HTTPError(422, _validation_message(exc.errors())) from None
 
+    async def read_json(request: Request, model: type[BaseModel]) -> Any:
+        """A JSON body (read with ``read_body``), validated against ``model``."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind not in ("application/json", ""):
+            raise HTTPError(415, f"Content-Type {kind[:60]!r}: send application/json")
+        data = await read_body(request)
+        try:
+            return model.model_validate_json(data)
+        except ValidationError as exc:
+            raise HTTPError(422, _validation_message(exc.errors())) from None
+
     async def form_images(form: Any) -> list[bytes]:
         files = form.getlist("images")
         if any(isinstance(f, str) for f in files):
@@ -158,10 +176,14 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Ready to serve (503 while shutting down)", responses={"503": {"description": "not ready"}})
+    @app.get("/readyz", summary="Ready to serve (503 while shutting down, or when the default patch set cannot load)",
+             responses={"503": {"description": "not ready"}})
     async def readyz() -> JSONResponse:
         if not app.state.ready:
             return error(503, "shutting down")
+        problem = service.readiness()
+        if problem is not None:
+            return error(503, one_line(problem, 500))
         return JSONResponse({"status": "ready", "model": service.model.model_id})
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
@@ -180,8 +202,8 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
         if kind == "json":
             return JSONResponse(await service.classify(_decode_b64(body.images), body.labels, body.templates, body.patches, body.top_k))
         top_k = form_list(body, "top_k") or ["5"]
-        if len(top_k) != 1 or not top_k[0].isdigit() or not 1 <= int(top_k[0]) <= 1000:
-            raise HTTPError(422, "top_k: a whole number from 1 to 1000")
+        if len(top_k) != 1 or not TOP_K_RE.fullmatch(top_k[0]) or not 1 <= int(top_k[0]) <= 1000:
+            raise HTTPError(422, "top_k: a whole number from 1 to 1000")  # ASCII digits: '²'.isdigit() is True
         labels = form_list(body, "labels")
         if not labels:
             raise HTTPError(422, "labels: give at least one label")
@@ -195,8 +217,10 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
         images = _decode_b64(body.images) if kind == "json" else await form_images(body)
         return JSONResponse(await service.embed_images(images, body.patches if kind == "json" else form_list(body, "patches")))
 
-    @app.post("/v1/embed/text", summary="L2-normalised text embeddings under a per-request patch set", responses=schemas.ERRORS)
-    async def embed_text(body: schemas.EmbedTextJSON) -> JSONResponse:
+    @app.post("/v1/embed/text", summary="L2-normalised text embeddings under a per-request patch set",
+              openapi_extra=schemas.EMBED_TEXT_BODY, responses=schemas.ERRORS)
+    async def embed_text(request: Request) -> JSONResponse:
+        body = await read_json(request, schemas.EmbedTextJSON)
         return JSONResponse(await service.embed_texts(body.texts, body.patches))
 
     @app.get("/v1/patches", summary="The registered patches (metadata from the patch format) and the default set")
@@ -229,19 +253,21 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
             raise HTTPError(422, "name: a text field")
         data = await file.read()
         try:
-            patch = service.upload(data, name or None)
+            patch = service.upload(data, name)  # an empty name is refused there (422), not taken as none
         except PatchError as exc:
             raise HTTPError(422, one_line(exc, 500).replace(".upload-", "upload ")) from None
-        return {"id": patch.digest, "name": name or None, "default": list(service.registry.default)}
+        return {"id": patch.digest, "name": name, "default": list(service.registry.default)}
 
     @app.delete("/v1/patches/{patch_id}", summary="Remove a patch from the registry (admin)", responses=schemas.ADMIN_ERRORS)
     async def delete(patch_id: str, request: Request) -> dict[str, Any]:
         require_admin(request)
         return {"deleted": service.delete(patch_id).digest}
 
-    @app.put("/v1/default-patches", summary="Switch the default patch set in one step (admin)", responses=schemas.ADMIN_ERRORS)
-    async def default_patches(body: schemas.DefaultPatches, request: Request) -> dict[str, Any]:
-        require_admin(request)
+    @app.put("/v1/default-patches", summary="Switch the default patch set in one step (admin)",
+             openapi_extra=schemas.DEFAULT_PATCHES_BODY, responses=schemas.ADMIN_ERRORS)
+    async def default_patches(request: Request) -> dict[str, Any]:
+        require_admin(request)  # before the body is read: no token, no parsing
+        body = await read_json(request, schemas.DefaultPatches)
         return service.set_default(body.patches)
 
     return app

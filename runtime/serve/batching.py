@@ -4,8 +4,9 @@ The image tower dominates the cost of a request, and a batch of 32 runs much fas
 than 32 batches of one. Requests put their (decoded) images here; one worker thread takes the
 oldest request, waits at most ``max_wait_ms`` for others that share its image side (requests whose
 patches leave the image projection alone all do, whatever their text patches), and encodes them
-together; it does not wait when no other request is on its way, so a lone request pays nothing. The queue holds at most ``max_queue`` images: past that, ``submit`` raises
-:class:`Overloaded` at once (the app answers 503 with Retry-After) instead of letting latency grow.
+together; it does not wait when no other request is on its way, so a lone request pays nothing. The queue holds at most ``max_queue`` images and ``max_queue_pixels``
+decoded pixels (what the memory of a queued image is): past either, ``submit`` raises
+:class:`Overloaded` at once (the app answers 503 with Retry-After) instead of letting latency or memory grow.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import numpy as np
 class Overloaded(Exception):
     """The queue is full: try again after ``retry_after`` seconds."""
 
-    def __init__(self, queued: int, limit: int, retry_after: int = 1):
-        super().__init__(f"the server is busy ({queued} images queued, at most {limit}): retry after {retry_after} s")
+    def __init__(self, queued: int, limit: int, retry_after: int = 1, what: str = "images"):
+        super().__init__(f"the server is busy ({queued:,} {what} queued, at most {limit:,}): retry after {retry_after} s")
         self.retry_after = retry_after
 
 
@@ -38,6 +39,7 @@ class _Job:
     images: list[Any]
     state: Any
     key: Hashable
+    pixels: int = 0
     future: Future = field(default_factory=Future)
     since: float = field(default_factory=time.monotonic)
 
@@ -47,7 +49,8 @@ class ImageBatcher:
 
     def __init__(self, encode: Callable[[list[Any], Any], np.ndarray], key: Callable[[Any], Hashable],
                  max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 512,
-                 observe: Callable[[int, int], None] | None = None, arriving: Callable[[], int] | None = None):
+                 observe: Callable[[int, int], None] | None = None, arriving: Callable[[], int] | None = None,
+                 max_queue_pixels: int | None = None):
         self._encode, self._key = encode, key
         # how many requests are on their way here (decoding their images); none: do not wait for company
         self._arriving = arriving or (lambda: 1)
@@ -55,26 +58,50 @@ class ImageBatcher:
         self._observe = observe or (lambda images, queued: None)  # (batch size, images still queued)
         self._pending: list[_Job] = []
         self.queued = 0
+        self.max_queue_pixels, self.queued_pixels = max_queue_pixels, 0
         self._closed = False
         self._cond = threading.Condition()
         self._worker = threading.Thread(target=self._run, name="forgetpack-image-batcher", daemon=True)
         self._worker.start()
 
-    def submit(self, images: Sequence[Any], state: Any) -> Future:
-        """Queue ``images`` to encode under ``state``; the future holds their ``[n, d]`` embeddings."""
-        job = _Job(list(images), state, self._key(state))
+    def reserve(self, pixels: int) -> None:
+        """Count ``pixels`` against the queue's pixel budget before they are decoded (or raise
+        :class:`Overloaded`): images being decoded hold memory as queued ones do. Hand the
+        reservation to ``submit(..., reserved=True)``, or give it back with :meth:`release`."""
         with self._cond:
-            if self._closed:
-                raise Closed("the server is shutting down")
-            if self.queued + len(job.images) > self.max_queue:
-                raise Overloaded(self.queued, self.max_queue)
+            if self.max_queue_pixels is not None and self.queued_pixels + pixels > self.max_queue_pixels:
+                raise Overloaded(self.queued_pixels, self.max_queue_pixels, what="pixels")
+            self.queued_pixels += pixels
+
+    def release(self, pixels: int) -> None:
+        with self._cond:
+            self.queued_pixels -= pixels
+
+    def submit(self, images: Sequence[Any], state: Any, pixels: int = 0, reserved: bool = False) -> Future:
+        """Queue ``images`` (``pixels`` decoded pixels in all, already counted when ``reserved``) to
+        encode under ``state``; the future holds their ``[n, d]`` embeddings."""
+        job = _Job(list(images), state, self._key(state), pixels)
+        with self._cond:
+            try:
+                if self._closed:
+                    raise Closed("the server is shutting down")
+                if self.queued + len(job.images) > self.max_queue:
+                    raise Overloaded(self.queued, self.max_queue)
+                if not reserved and self.max_queue_pixels is not None and self.queued_pixels + pixels > self.max_queue_pixels:
+                    raise Overloaded(self.queued_pixels, self.max_queue_pixels, what="pixels")
+            except (Closed, Overloaded):
+                if reserved:
+                    self.queued_pixels -= pixels
+                raise
             self._pending.append(job)
             self.queued += len(job.images)
+            if not reserved:
+                self.queued_pixels += pixels
             self._cond.notify()
         return job.future
 
-    async def encode(self, images: Sequence[Any], state: Any) -> np.ndarray:
-        return await asyncio.wrap_future(self.submit(images, state))
+    async def encode(self, images: Sequence[Any], state: Any, pixels: int = 0, reserved: bool = False) -> np.ndarray:
+        return await asyncio.wrap_future(self.submit(images, state, pixels, reserved))
 
     def close(self, timeout: float = 30.0) -> None:
         """Accept nothing more, finish what was accepted, stop the worker."""
@@ -107,6 +134,7 @@ class ImageBatcher:
         taken = {id(j) for j in batch}
         self._pending = [j for j in self._pending if id(j) not in taken]
         self.queued -= size
+        self.queued_pixels -= sum(j.pixels for j in batch)
         return batch
 
     def _run(self) -> None:

@@ -6,10 +6,17 @@ a request cannot make the server open a file of its choosing. The folder holds e
 ``registry.json`` (names and the default set); every write goes aside and is renamed into place,
 so a reader (another replica) sees the old registry or the new one, never half of one. Readers
 re-read ``registry.json`` when its stat changes: a switch on one replica reaches the others.
+Every read-modify-write of ``registry.json`` holds an inter-process lock (``.registry.lock``, a
+``filelock``) and re-reads the index under it, so replicas writing at once lose no update.
+
+A patch file is loaded only if the digest of what it holds is the digest its name says; a
+mismatch (a file renamed or overwritten by hand) is skipped and logged, never served under the
+wrong id. Errors never carry the folder's path: answers to clients must not reveal server paths.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -17,11 +24,13 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from forgetpack.format.errors import ForgetpackError, PatchError
+from filelock import FileLock, Timeout
+
+from forgetpack.format.errors import ForgetpackError, PatchError, one_line
 from forgetpack.format.fileio import write_bytes_atomic
 from forgetpack.format.patch import MAX_PATCH_BYTES, Patch, describe, read_patch
 from forgetpack.format.signing import require_signed
@@ -30,6 +39,9 @@ INDEX = "registry.json"
 SUFFIX = ".fpatch.safetensors"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+LOCK = ".registry.lock"
+LOCK_TIMEOUT_S = 30.0
+log = logging.getLogger("runtime.serve")
 
 
 class UnknownPatch(ForgetpackError):
@@ -38,6 +50,10 @@ class UnknownPatch(ForgetpackError):
 
 class PatchInUse(ForgetpackError):
     """Deleting a patch that the default set uses (HTTP 409)."""
+
+
+class RegistryUnavailable(ForgetpackError):
+    """The registry folder or its index cannot be read or written (HTTP 503); the message names no path."""
 
 
 def check_name(name: str) -> str:
@@ -50,7 +66,8 @@ class PatchRegistry:
     """Patches by digest, names, and the default set; thread-safe, persisted when given a folder."""
 
     def __init__(self, folder: str | os.PathLike[str] | None, check: Callable[[Patch], None],
-                 trusted_keys: Sequence[Any] | None = None):
+                 trusted_keys: Sequence[Any] | None = None, read_only: bool = False):
+        """``read_only``: read the folder (a missing one is empty), never create or write it (``serve --check``)."""
         self.folder = Path(folder) if folder is not None else None
         self._check = check  # raises unless the patch fits the served model's base
         self._keys = trusted_keys
@@ -59,10 +76,13 @@ class PatchRegistry:
         self._names: dict[str, str] = {}
         self._default: tuple[str, ...] = ()
         self._stamp: tuple[int, int, int] | None = None
+        self.read_only = read_only
+        self._file_lock = FileLock(str(self.folder / LOCK), timeout=LOCK_TIMEOUT_S) if self.folder is not None else None
         if self.folder is not None:
             if self.folder.exists() and not self.folder.is_dir():
                 raise ForgetpackError(f"{self.folder}: is not a folder (the patch registry is a folder)")
-            self.folder.mkdir(parents=True, exist_ok=True)
+            if not read_only:
+                self.folder.mkdir(parents=True, exist_ok=True)
             for path in sorted(self.folder.glob(f"[0-9a-f]*{SUFFIX}")):
                 self._load_file(path)
             self.refresh()
@@ -83,16 +103,35 @@ class PatchRegistry:
             st = index.stat()
         except FileNotFoundError:
             return
+        except OSError as exc:
+            raise RegistryUnavailable(f"the patch registry's index ({INDEX}) cannot be read ({exc.strerror})") from None
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if stamp == self._stamp:
             return
         with self._lock:
-            try:
-                data = json.loads(index.read_text(encoding="utf-8"))
-                names, default = dict(data["names"]), tuple(data["default"])
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise ForgetpackError(f"{index}: unreadable registry index ({exc})") from None
-            self._names, self._default, self._stamp = names, default, stamp
+            self._names, self._default = self._read_index(index)
+            self._stamp = stamp
+
+    @staticmethod
+    def _read_index(index: Path) -> tuple[dict[str, str], tuple[str, ...]]:
+        """Names and the default set from ``registry.json``; the one rule for what a valid index is."""
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+            names, default = dict(data["names"]), tuple(data["default"])
+            if not all(isinstance(k, str) and isinstance(v, str) and DIGEST_RE.fullmatch(v) for k, v in names.items()):
+                raise ValueError("a name that is not text, or names no digest")
+            if not all(isinstance(d, str) and DIGEST_RE.fullmatch(d) for d in default):
+                raise ValueError("a default entry that is not a digest")
+        except FileNotFoundError:
+            return {}, ()
+        except OSError as exc:  # never str(exc): it holds the path
+            raise RegistryUnavailable(f"the patch registry's index ({INDEX}) cannot be read ({exc.strerror})") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            reason = type(exc).__name__ if isinstance(exc, (KeyError, TypeError, AttributeError)) else one_line(exc, 120)
+            log.error("%s: unreadable registry index (%s)", index, exc)
+            raise RegistryUnavailable(f"the patch registry's index ({INDEX}) is unreadable ({reason}); "
+                                      "the operator must repair or remove it") from None
+        return names, default
 
     def get(self, digest: str) -> Patch:
         patch = self._patches.get(digest)
@@ -106,7 +145,8 @@ class PatchRegistry:
 
     def digests(self, ids: Sequence[str]) -> tuple[str, ...]:
         """The digests an ordered list of ids names (digests or names); unknown or repeated ids are errors."""
-        self.refresh()
+        if ids:  # names need the index; an empty set (the base) needs nothing, even when the index is broken
+            self.refresh()
         out: list[str] = []
         for pid in ids:
             if not isinstance(pid, str):
@@ -149,14 +189,22 @@ class PatchRegistry:
         """Validate an uploaded patch (format, digest, signature when keys are set, fit) and register it."""
         if len(data) > MAX_PATCH_BYTES:
             raise PatchError(f"upload: too large for a patch ({len(data)} bytes, at most {MAX_PATCH_BYTES})")
-        where = self.folder if self.folder is not None else None
-        fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=".tmp", dir=where)  # never matched by the *SUFFIX scan
+        where = self.folder if self.folder is not None and not self.read_only else None
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+            fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=".tmp", dir=where)  # never matched by the *SUFFIX scan
+        except OSError as exc:  # the folder was removed or made read-only under the running server
+            raise self._unwritable(exc) from None
+        try:
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+            except OSError as exc:
+                raise self._unwritable(exc) from None
             try:
                 patch = dataclasses.replace(read_patch(tmp), source=None)  # named by digest, never by the temp path
                 return self._register(patch, Path(tmp), name)
+            except RegistryUnavailable:
+                raise
             except ForgetpackError as exc:
                 raise type(exc)(str(exc).replace(tmp, "upload")) from None
         finally:
@@ -173,11 +221,18 @@ class PatchRegistry:
         require_signed([patch], self._keys)
         self._check(patch)
         digest = patch.digest
-        with self._lock:
-            if self.folder is not None:
-                target = self.folder / f"{digest.split(':', 1)[1]}{SUFFIX}"
-                if not target.exists():
-                    write_bytes_atomic(target, path.read_bytes())
+        with self._locked():
+            if self._persisting:
+                target = self._file_of(digest)
+                # a file already there is kept only if it loads under the current policy: an unsigned
+                # copy of the same digest is replaced by the signed upload (atomically), not left to
+                # be skipped at the next start
+                if not target.exists() or self._loadable(target) is None:
+                    data = path.read_bytes()
+                    try:
+                        write_bytes_atomic(target, data)
+                    except OSError as exc:
+                        raise self._unwritable(exc) from None
             self._patches[digest] = patch
             if name is not None:
                 self._write({**self._names, name: digest}, self._default)
@@ -186,38 +241,92 @@ class PatchRegistry:
     def remove(self, pid: str) -> Patch:
         (digest,) = self.digests([pid])
         patch = self.get(digest)
-        with self._lock:
+        with self._locked():
             if digest in self._default:
                 raise PatchInUse(f"{pid[:70]!r}: is in the default patch set; switch the default first (PUT /v1/default-patches)")
             self._write({n: d for n, d in self._names.items() if d != digest}, self._default)
             self._patches.pop(digest, None)
-            if self.folder is not None:
-                (self.folder / f"{digest.split(':', 1)[1]}{SUFFIX}").unlink(missing_ok=True)
+            if self._persisting:
+                self._file_of(digest).unlink(missing_ok=True)
         return patch
 
     def set_default(self, digests: Sequence[str]) -> tuple[str, ...]:
         """Make the patches with ``digests`` (already checked as a set) the default, in one step."""
-        with self._lock:
+        with self._locked():
             self._write(self._names, tuple(digests))
         return self._default
 
+    # -- the write path --------------------------------------------------------------
+
+    @property
+    def _persisting(self) -> bool:
+        return self.folder is not None and not self.read_only
+
+    def _file_of(self, digest: str) -> Path:
+        assert self.folder is not None
+        return self.folder / f"{digest.split(':', 1)[1]}{SUFFIX}"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The thread lock, and while persisting the inter-process lock, with the index re-read under
+        them: a read-modify-write starts from what the other replicas wrote, and none is lost."""
+        with self._lock:
+            if not self._persisting:
+                yield
+                return
+            assert self._file_lock is not None and self.folder is not None
+            try:
+                self._file_lock.acquire()
+            except Timeout:
+                raise RegistryUnavailable(f"the patch registry is locked by another replica for over {LOCK_TIMEOUT_S:.0f} s") from None
+            except OSError as exc:
+                raise self._unwritable(exc) from None
+            try:
+                index = self.folder / INDEX
+                self._names, self._default = self._read_index(index)
+                with contextlib.suppress(OSError):
+                    st = index.stat()
+                    self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+                yield
+            finally:
+                self._file_lock.release()
+
+    @staticmethod
+    def _unwritable(exc: OSError) -> RegistryUnavailable:
+        log.error("patch registry: cannot write (%s)", exc)
+        return RegistryUnavailable(f"the patch registry folder cannot be written ({exc.strerror or type(exc).__name__}); "
+                                   "the operator must restore it")
+
     def _write(self, names: dict[str, str], default: tuple[str, ...]) -> None:
-        """Persist first, then switch memory: a failed write leaves both as they were (lock held)."""
-        if self.folder is not None:
+        """Persist first, then switch memory: a failed write leaves both as they were (locks held)."""
+        if self._persisting:
+            assert self.folder is not None
             index = self.folder / INDEX
-            write_bytes_atomic(index, json.dumps({"version": 1, "names": names, "default": list(default)}, indent=1).encode())
-            st = index.stat()
+            try:
+                write_bytes_atomic(index, json.dumps({"version": 1, "names": names, "default": list(default)}, indent=1).encode())
+                st = index.stat()
+            except OSError as exc:
+                raise self._unwritable(exc) from None
             self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         self._names, self._default = names, default
 
-    def _load_file(self, path: Path) -> Patch | None:
-        """A registry file at start-up or from another replica; one that no longer fits is skipped."""
+    def _loadable(self, path: Path) -> Patch | None:
+        """The patch in a registry file if it may be served: it reads, its digest is the one its name
+        says, it is signed when keys are set, and it fits the model; else None (and why, logged)."""
         try:
             patch = read_patch(path)
+            if path.name != f"{patch.digest.split(':', 1)[1]}{SUFFIX}":
+                raise PatchError(f"holds patch {patch.digest}, not the one its name says")
             require_signed([patch], self._keys)
             self._check(patch)
         except ForgetpackError as exc:
-            logging.getLogger("runtime.serve").warning("%s: skipped (%s)", path, exc)
+            log.warning("%s: skipped (%s)", path, exc)
             return None
-        self._patches[patch.digest] = patch
+        return patch
+
+    def _load_file(self, path: Path) -> Patch | None:
+        """A registry file at start-up or from another replica; one that may not be served is skipped."""
+        patch = self._loadable(path)
+        if patch is not None:
+            self._patches[patch.digest] = patch
         return patch

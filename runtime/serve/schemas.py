@@ -58,6 +58,8 @@ def body(json_model: type[BaseModel] | None, multipart: dict[str, Any] | None) -
 CLASSIFY_BODY = body(ClassifyJSON, _multipart(
     {"images": _FILES, "labels": _STRINGS, "templates": _STRINGS, "patches": _STRINGS,
      "top_k": {"type": "integer", "minimum": 1, "maximum": 1000}}, ["images", "labels"]))
+EMBED_TEXT_BODY = body(EmbedTextJSON, None)
+DEFAULT_PATCHES_BODY = body(DefaultPatches, None)
 EMBED_IMAGE_BODY = body(EmbedImageJSON, _multipart({"images": _FILES, "patches": _STRINGS}, ["images"]))
 UPLOAD_BODY = body(None, _multipart({"file": {"type": "string", "format": "binary"},
                                      "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}}, ["file"]))
@@ -70,4 +72,5 @@ ERRORS = {str(code): {"description": text, **ERROR} for code, text in (
     (422, "invalid input (labels, patch ids, a patch that does not fit)"), (503, "overloaded: retry after Retry-After seconds"))}
 ADMIN_ERRORS = {**ERRORS, **{str(code): {"description": text, **ERROR} for code, text in (
     (401, "no admin token"), (403, "wrong admin token, or admin routes disabled"), (404, "no such patch"),
-    (409, "the patch is in the default set"))}}
+    (409, "the patch is in the default set"),
+    (503, "overloaded (retry after Retry-After seconds), or the registry folder or its index unusable"))}}

@@ -14,6 +14,7 @@ import io
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from forgetpack.format.names import check_labels, check_templates
 from forgetpack.format.patch import Patch
 from forgetpack.format.signing import load_public_keys
 from runtime import Model, PatchState
-from runtime.preprocess import load_image
+from runtime.preprocess import ImageTooLarge, load_image, open_image
 from runtime.serve.batching import ImageBatcher
 from runtime.serve.config import ServeConfig
 from runtime.serve.metrics import ServeMetrics
@@ -46,13 +47,14 @@ class Unsupported(ForgetpackError):
 class Service:
     """The serving state of one process: model, registry, patch states, batcher, metrics."""
 
-    def __init__(self, config: ServeConfig, model: Model | None = None):
+    def __init__(self, config: ServeConfig, model: Model | None = None, read_only: bool = False):
+        """``read_only`` (``serve --check``): the registry folder is read, never created or written."""
         self.config = config
         self.limits = config.limits
         if model is None:
             if not Path(config.source).is_dir():
                 raise ForgetpackError(f"{config.source}: not an export directory; serve an export "
-                                      "(`forgetpack export MODEL DIR`): the service runs on the torch-free onnx runtime")
+                                      "(`forgetpack export MODEL -o DIR`): the service runs on the torch-free onnx runtime")
             options = {"threads": config.threads} if config.threads is not None else {}
             # spin=False: the event loop, the decoding threads and the batcher need the cores onnxruntime would spin on
             model = runtime.load(config.source, backend="onnx", spin=False,
@@ -63,13 +65,16 @@ class Service:
         self.metrics = ServeMetrics()
         self.states = PatchStates(model, config.max_states, on_lookup=self.metrics.observe_lookup)
         keys = load_public_keys(list(config.trusted_keys)) if config.trusted_keys is not None else None
-        self.registry = PatchRegistry(config.patches_dir, check=lambda p: model.patch_state([p]), trusted_keys=keys)
+        self.registry = PatchRegistry(config.patches_dir, check=lambda p: model.patch_state([p]), trusted_keys=keys,
+                                      read_only=read_only)
         image = getattr(model.backend, "manifest", None)
         tower = image.towers.get("image") if image is not None else None
         self._image_targets = {tower.projection} if tower is not None and tower.projection else set()
         self.batcher = ImageBatcher(self._encode_batch, self._image_key, config.max_batch, config.max_wait_ms,
-                                    config.max_queue, observe=self.metrics.observe_batch, arriving=lambda: self.arriving)
+                                    config.max_queue, observe=self.metrics.observe_batch, arriving=lambda: self.arriving,
+                                    max_queue_pixels=config.max_queue_pixels)
         self.arriving = 0  # requests between their start and handing their images to the batcher
+        self._arriving_lock = threading.Lock()
         self._classifiers: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()  # by (state, labels, templates)
         self._classifiers_lock = threading.Lock()
         if config.default_patches:
@@ -115,30 +120,43 @@ class Service:
 
     # -- inputs ----------------------------------------------------------------------
 
-    def decode_images(self, blobs: Sequence[bytes]) -> list[Any]:
-        """Decoded images, each checked against the byte and pixel limits before it is decoded."""
-        from PIL import Image
-
+    def decode_images(self, blobs: Sequence[bytes]) -> tuple[list[Any], int]:
+        """Decoded images and their pixel count, reserved in the batcher's pixel budget (hand it on with
+        ``encode(..., reserved=True)``); every limit (bytes, pixels per image and per request, format)
+        is checked from the headers before any image is decoded."""
         if not blobs:
             raise ForgetpackError("no images given")
         if len(blobs) > self.limits.max_images:
             raise TooLarge(f"{len(blobs)} images in one request (at most {self.limits.max_images})")
-        out = []
+        total = 0
         for i, blob in enumerate(blobs):
             if len(blob) > self.limits.max_image_bytes:
                 raise TooLarge(f"image {i}: {len(blob)} bytes (at most {self.limits.max_image_bytes})")
-            try:
-                with Image.open(io.BytesIO(blob)) as header:  # the header only
-                    width, height = header.size
-            except Exception:  # PIL raises many types for what is not an image it knows
-                raise Unsupported(f"image {i}: not an image format the server reads (PNG, JPEG, WebP, GIF, BMP, TIFF…)") from None
-            if width * height > self.limits.max_pixels:
-                raise TooLarge(f"image {i}: {width}x{height} pixels (at most {self.limits.max_pixels:,})")
-            try:
-                out.append(load_image(blob, self.limits.max_pixels))
-            except ForgetpackError as exc:
-                raise ForgetpackError(f"image {i}: {str(exc).removeprefix('<bytes>: ')}") from None
-        return out
+            with self._image_errors(i), open_image(io.BytesIO(blob), "<bytes>", self.limits.max_pixels) as header:
+                total += header.width * header.height
+        if total > self.limits.max_request_pixels:
+            raise TooLarge(f"{total:,} pixels in the images of one request (at most {self.limits.max_request_pixels:,})")
+        self.batcher.reserve(total)  # decoding images hold memory as queued ones do: one budget for both
+        try:
+            out = []
+            for i, blob in enumerate(blobs):
+                with self._image_errors(i):
+                    out.append(load_image(blob, self.limits.max_pixels))
+        except BaseException:
+            self.batcher.release(total)
+            raise
+        return out, total
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _image_errors(i: int) -> Iterator[None]:
+        """Name the image by its place in the request, and keep the kind of error (413, 415, 422)."""
+        try:
+            yield
+        except ImageTooLarge as exc:
+            raise TooLarge(f"image {i}: {str(exc).removeprefix('<bytes>: ')}") from None
+        except ForgetpackError as exc:
+            raise type(exc)(f"image {i}: {str(exc).removeprefix('<bytes>: ')}") from None
 
     def check_labels(self, labels: Sequence[str], templates: Sequence[str] | None) -> tuple[list[str], list[str]]:
         if len(labels) > self.limits.max_labels:
@@ -155,28 +173,36 @@ class Service:
     @contextlib.contextmanager
     def _arrival(self) -> Iterator[Callable[[], None]]:
         """Count a request as on its way to the batcher until it calls ``arrived()`` (or fails)."""
-        self.arriving += 1  # only ever changed on the event loop's thread
+        with self._arriving_lock:  # changed on the event loop's thread and on decoding threads
+            self.arriving += 1
         done = False
 
         def arrived() -> None:
             nonlocal done
-            if not done:
-                done = True
-                self.arriving -= 1
+            with self._arriving_lock:
+                if not done:
+                    done = True
+                    self.arriving -= 1
 
         try:
             yield arrived
         finally:
             arrived()
 
+    def _decode_and_queue(self, blobs: Sequence[bytes], state: PatchState, arrived: Callable[[], None]) -> Future:
+        """Decode (reserving the pixels) and queue in one go, on a worker thread: a request cancelled
+        meanwhile cannot leave its pixels counted in the budget with no job to release them."""
+        images, pixels = self.decode_images(blobs)
+        arrived()
+        return self.batcher.submit(images, state, pixels, reserved=True)
+
     async def classify(self, blobs: Sequence[bytes], labels: Sequence[str], templates: Sequence[str] | None,
                        ids: Sequence[str] | None, top_k: int = 5) -> dict[str, Any]:
         with self._arrival() as arrived:
             labels, templates = self.check_labels(labels, templates)
             state = self.state(ids)
-            images = await asyncio.to_thread(self.decode_images, blobs)
-            arrived()
-            embeddings, weights = await asyncio.gather(self.batcher.encode(images, state),
+            queued = await asyncio.to_thread(self._decode_and_queue, blobs, state, arrived)
+            embeddings, weights = await asyncio.gather(asyncio.wrap_future(queued),
                                                        asyncio.to_thread(self.classifier, labels, templates, state))
         predictions = self.model.predict(embeddings @ weights, labels)
         k = min(top_k, len(labels))
@@ -189,9 +215,8 @@ class Service:
     async def embed_images(self, blobs: Sequence[bytes], ids: Sequence[str] | None) -> dict[str, Any]:
         with self._arrival() as arrived:
             state = self.state(ids)
-            images = await asyncio.to_thread(self.decode_images, blobs)
-            arrived()
-            embeddings = await self.batcher.encode(images, state)
+            queued = await asyncio.to_thread(self._decode_and_queue, blobs, state, arrived)
+            embeddings = await asyncio.wrap_future(queued)
         return {"model": self.model.model_id, "patch_state": self.describe_state(state), "embeddings": embeddings.tolist()}
 
     async def embed_texts(self, texts: Sequence[str], ids: Sequence[str] | None) -> dict[str, Any]:
@@ -230,6 +255,15 @@ class Service:
         patch = self.registry.remove(pid)
         self.states.drop(patch.digest)
         return patch
+
+    def readiness(self) -> str | None:
+        """Why this replica cannot answer a default request (its default set does not load, the
+        registry index is unreadable), or None when it can."""
+        try:
+            self.state(None)
+        except ForgetpackError as exc:
+            return f"the default patch set cannot be served: {exc}"
+        return None
 
     def info(self) -> dict[str, Any]:
         backend = self.model.backend

@@ -31,7 +31,7 @@ from forgetpack.format.errors import ForgetpackError
 @click.option("--provider", "providers", multiple=True, help="Execution provider, e.g. cpu or cuda (repeatable).")
 @click.option("--ray", "replicas", type=click.IntRange(1), default=None,
               help="Run as a Ray Serve deployment with this many replicas (needs forgetpack[ray]).")
-@click.option("--check", is_flag=True, help="Load the model and registry, print what would be served, and exit.")
+@click.option("--check", is_flag=True, help="Load the model and registry (writing nothing), print what would be served, and exit.")
 @click.option("--json", "as_json", is_flag=True, help="With --check: machine-readable output.")
 def serve(source: str, host: str, port: int, patches_dir: Path | None, default_patches: tuple[str, ...], keys: tuple[Path, ...],
           admin_token_file: Path | None, max_batch: int, max_wait_ms: float, max_queue: int, threads: int | None,
@@ -41,7 +41,7 @@ def serve(source: str, host: str, port: int, patches_dir: Path | None, default_p
 
     if not Path(source).is_dir():
         raise ForgetpackError(f"{source}: not an export directory; the service runs on the torch-free runtime, "
-                              f"so export first: forgetpack export {source} DIR")
+                              f"so export first: forgetpack export {source} -o DIR")
     config = ServeConfig(
         source=source, patches_dir=str(patches_dir) if patches_dir else None, default_patches=default_patches,
         trusted_keys=tuple(str(k) for k in keys) or None,
@@ -60,7 +60,7 @@ def serve(source: str, host: str, port: int, patches_dir: Path | None, default_p
     from runtime.serve.app import create_app
     from runtime.serve.service import Service
 
-    service = Service(config)
+    service = Service(config, read_only=check)  # --check reads the registry, never creates or writes it
     if check:
         info = service.info()
         service.close()
