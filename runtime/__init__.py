@@ -190,7 +190,7 @@ class Model:
 
     def apply_patch(self, patch: Patch | str | os.PathLike[str]) -> Patch:
         """Apply a patch on top of the current ones, after verifying it fits this model's base."""
-        patch = patch if isinstance(patch, Patch) else read_patch(patch)
+        patch = _as_patch(patch)
         require_signed([patch], self._keys)
         with self._writer:  # the backend checks the fit of every patch, in order (format.fit.apply_in_order)
             self._switch((*self._patches, patch))
@@ -198,7 +198,7 @@ class Model:
 
     def set_patches(self, patches: Sequence[Patch | str | os.PathLike[str]]) -> tuple[Patch, ...]:
         """Replace the hot-applied patches with ``patches`` (in order) in one step."""
-        loaded = tuple(p if isinstance(p, Patch) else read_patch(p) for p in patches)
+        loaded = tuple(_as_patch(p) for p in _as_sequence(patches))
         require_signed(list(loaded), self._keys)
         with self._writer:
             self._switch(loaded)
@@ -217,7 +217,7 @@ class Model:
         """``patches`` (in order, on the base) resolved to an immutable :class:`PatchState` for
         ``encode_*``/``classify(..., state=)``; the model's own patches are left alone. Checked as
         :meth:`set_patches` checks them (signatures, then the fit of each in order)."""
-        loaded = tuple(p if isinstance(p, Patch) else read_patch(p) for p in patches)
+        loaded = tuple(_as_patch(p) for p in _as_sequence(patches))
         require_signed(list(loaded), self._keys)
         state_for = getattr(self.backend, "state_for", None)
         if state_for is None:
@@ -259,9 +259,27 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norm, np.float32(1e-12))
 
 
-def _digest_of(patch: Patch | str | os.PathLike[str]) -> str:
+def _as_patch(patch: Any) -> Patch:
+    """A Patch as given, or read from its file; anything else is a ``PatchError``, never a ``TypeError``."""
     if isinstance(patch, Patch):
-        return patch.digest
+        return patch
+    if isinstance(patch, (str, os.PathLike)):
+        return read_patch(patch)
+    raise PatchError(f"{_shown(patch)} is not a patch: give a Patch or a patch file")
+
+
+def _as_sequence(patches: Any) -> Sequence[Any]:
+    if isinstance(patches, (str, bytes, os.PathLike, Patch)) or not isinstance(patches, Sequence):
+        raise PatchError(f"{_shown(patches)} is not a list of patches")
+    return patches
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _digest_of(patch: Patch | str | os.PathLike[str]) -> str:
     if isinstance(patch, str) and patch.startswith("sha256:") and not Path(patch).exists():
         return patch
-    return read_patch(patch).digest
+    return _as_patch(patch).digest

@@ -40,7 +40,7 @@ def main() -> None:
     old_dir, new_dir = dest.parent / "reference-old", dest.parent / "reference-new"
     old = export(old_dir, 18)  # what DEST holds before every kill
     start = time.perf_counter()
-    new = export(new_dir, 17)  # what the killed runs write: another opset, another export id
+    new = export(new_dir, 19)  # what the killed runs write: another opset, another export id
     duration = time.perf_counter() - start
 
     def restore_old() -> None:
@@ -62,7 +62,7 @@ def main() -> None:
 
                 setattr(fileio, inside, die)
             try:
-                export(dest, 17)
+                export(dest, 19)
             finally:
                 os._exit(0)
         if kill_at is not None:

@@ -244,7 +244,7 @@ def test_cli_audit_json_and_bad_input(tmp_path, capsys, patches) -> None:
     bad.write_text("seven sieben\n", encoding="utf-8")
     for args, message in (
         (["--variants", str(bad)], "line 1 is not 'name<TAB>variant'"),
-        (["--variants", str(tmp_path / "missing.tsv")], "cannot read the variants file"),
+        (["--variants", str(tmp_path / "missing.tsv")], "variants file not found"),
         (["--family", "nonsense"], "unknown variant family 'nonsense'"),
         (["--forget", "six"], "the patches do not forget 'six'"),
         (["--dataset", "letters"], "class 'seven' is not in any evaluated dataset"),

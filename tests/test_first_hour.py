@@ -181,8 +181,10 @@ def test_projection_names_cover_the_engines_rules(spec) -> None:
     """``fit.PROJECTION_NAMES`` (how a checkpoint lists its patchable matrices) keeps up with the registry."""
     from forgetpack.engine.models import load_model
     from forgetpack.engine.projections import find_projection
-    from forgetpack.format.fit import PROJECTION_NAMES
+    from forgetpack.format.fit import PROJECTION_NAMES, expected_layout
 
     model = load_model(spec).model
     for side in ("text", "image"):
-        assert find_projection(model, side).target in PROJECTION_NAMES
+        projection = find_projection(model, side)
+        assert projection.target in PROJECTION_NAMES
+        assert expected_layout(projection.target) == projection.layout  # a bare checkpoint's layout rule

@@ -67,7 +67,7 @@ def test_forget_json_and_compose(tmp_path, capsys) -> None:
     (["--forget", "cat", "--rank", "0"], "rank must be a positive integer"),
     (["--forget", "cat", "--rank", "-3"], "rank must be a positive integer"),
     (["--forget", "cat", "--auto-preserve", "-1"], "--auto-preserve must be ≥ 0"),
-    (["--forget", "cat", "--preserve-file", "/no/such/file.txt"], "does not exist"),
+    (["--forget", "cat", "--preserve-file", "/no/such/file.txt"], "preserve file not found"),
     (["--forget", "cat", "--preserve", "dog", "--preserve-file", "/no/such/file.txt"], "only one of"),
     (["--forget", "cat", "--preserve", "dog", "--auto-preserve", "3"], "either an explicit preserve list"),
     (["--forget", "cat", "--template", "no placeholder"], "must contain"),
@@ -120,12 +120,19 @@ def test_progress_goes_to_stderr_and_never_with_json(monkeypatch, tmp_path, caps
 
     seen = []
 
+    class Counts:
+        def __call__(self, done, total):
+            seen.append((done, total))
+
+        def step(self, text, counting=None):
+            pass
+
     class Bar:
-        def __init__(self, enabled):
+        def __init__(self, enabled, *args, **kwargs):
             seen.append(enabled)
 
         def __enter__(self):
-            return (lambda done, total: seen.append((done, total))) if seen[-1] else None
+            return Counts() if seen[-1] else None
 
         def __exit__(self, *exc):
             return False

@@ -194,11 +194,16 @@ def test_malformed_fingerprint_metadata_is_one_line(tmp_path: Path, capsys, fiel
         assert str(path) in one_line_error(capsys, *args)
 
 
-def test_odd_recipe_types_do_not_break_inspect(tmp_path: Path, capsys) -> None:
+def test_odd_recipe_types_are_refused_and_odd_effects_do_not_break_inspect(tmp_path: Path, capsys) -> None:
+    """A recipe's name lists are lists of strings (format.metadata.check_metadata: every consumer lists
+    them); the effect is free-form JSON, which inspect shows whatever its shape."""
     base = write_base(tmp_path / "base.safetensors")
     path = forged(tmp_path / "odd.fpatch", make_patch(base, 1),
                   recipe=json.dumps({"forget": 7, "preserve": {"a": 1}, "templates": None, "solver": [1]}),
                   effect=json.dumps({"forget": "x", "retained": None}))
+    for args in (("inspect", path), ("inspect", path, "--json")):
+        assert str(path) in one_line_error(capsys, *args)
+    path = forged(tmp_path / "odd-effect.fpatch", make_patch(base, 1), effect=json.dumps({"forget": "x", "retained": None}))
     assert main(["inspect", str(path)]) == 0
     assert main(["inspect", str(path), "--json"]) == 0
 

@@ -143,7 +143,7 @@ def test_export_never_replaces_what_it_did_not_create(tmp_path: Path, loaded, mo
 
     monkeypatch.setattr(orchestration, "export_tower", another_export_finishes_first)
     with pytest.raises(ForgetpackError, match="appeared while this run was writing it"):
-        export_loaded(loaded, dest, towers=("image",), opset=17)
+        export_loaded(loaded, dest, towers=("image",), opset=19)
     assert runtime.load(dest).backend.manifest.opset == 18
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".dest.")]
 

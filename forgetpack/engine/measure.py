@@ -160,7 +160,7 @@ def measure(ctx: SolveContext, change: Change) -> Effect:
         names = [*ctx.forget, *ctx.pool]
         pred = np.argmax(unit_rows(space.embed(names)) @ unit_rows(space.embed_changed(names, change)).T, axis=1)
         keep = [i for i, n in enumerate(names) if n not in forget_set and n not in alias_set]
-        vocabulary_retained = float(np.mean(pred[keep] == np.asarray(keep)))
+        vocabulary_retained = float(np.mean(pred[keep] == np.asarray(keep))) if keep else 1.0  # never NaN: metadata refuses it
     return Effect(
         forget={f: NameEffect(round(float(np.mean(similarity[f])), 4), outranked[f], predicted[f]) for f in ctx.forget},
         retained=round(float(np.mean(list(retained_by_template.values()))), 4),

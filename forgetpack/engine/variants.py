@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from forgetpack.format.errors import ForgetpackError
+from forgetpack.format.fileio import check_input_file
 from forgetpack.format.names import FORGET_TEMPLATES, normalize_name
 
 GROUP = "forgetpack.variant_families"
@@ -246,7 +247,7 @@ def builtin_lexicon() -> dict[str, tuple[str, ...]]:
 
 def read_lexicon(path: str | Path) -> dict[str, tuple[str, ...]]:
     """``name<TAB>variant[<TAB>variant…]`` lines (UTF-8; blank lines and '#' comments skipped)."""
-    path = Path(path)
+    path = check_input_file(path, "variants file")  # a FIFO or device would block the read
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:

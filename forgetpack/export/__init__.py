@@ -48,9 +48,22 @@ from forgetpack.format.patch import Patch, fingerprint, read_patch
 if TYPE_CHECKING:
     from forgetpack.engine.models import LoadedModel
 
-__all__ = ["DEFAULT_OPSET", "PARITY_TOLERANCE", "export", "export_loaded", "preprocess_settings", "quantize_export"]
+__all__ = ["DEFAULT_OPSET", "PARITY_TOLERANCE", "SUPPORTED_OPSETS", "check_opset", "export", "export_loaded", "preprocess_settings", "quantize_export"]
 
 DEFAULT_OPSET = 18
+# The opsets an export may ask for: 18 is the dynamo exporter's own (asked for less, it silently writes
+# 18; asked for more than it knows, it writes graphs onnxruntime refuses), 20 the highest that every
+# onnxruntime forgetpack supports (pyproject: onnxruntime>=1.17) loads. export_tower also checks the
+# opset each graph was really written at, so the manifest never records one the graphs do not have.
+SUPPORTED_OPSETS = range(18, 21)
+
+
+def check_opset(opset: Any) -> int:
+    """The one opset rule, checked before any work: a one-line ``ForgetpackError`` for anything else."""
+    if type(opset) is not int or opset not in SUPPORTED_OPSETS:
+        raise ForgetpackError(f"opset {opset!r} is not supported: exports are written at ONNX opset "
+                              f"{SUPPORTED_OPSETS[0]} to {SUPPORTED_OPSETS[-1]}")
+    return opset
 PathLike = str | os.PathLike[str]
 Patches = Sequence[PathLike | Patch]  # files or loaded patches, baked in this order
 Progress = Callable[[str], None]  # receives one line per step
@@ -65,6 +78,7 @@ def export(spec: str, out: PathLike, patches: Patches = (), quantize: str | None
     """
     from forgetpack.engine.models import load_model
 
+    check_opset(opset)
     check_output_dir(out, force)  # before spending seconds loading the model
     loaded = load_model(spec)
     return export_loaded(loaded, out, patches, quantize=quantize, opset=opset, force=force, progress=progress)
@@ -82,6 +96,7 @@ def export_loaded(loaded: LoadedModel, out: PathLike, patches: Patches = (), qua
     from forgetpack.engine.torch_patch import read_matrices
 
     report = progress or (lambda _line: None)
+    check_opset(opset)
     if quantize not in (None, "int8"):
         raise ForgetpackError(f"unknown quantization {quantize!r} (supported: int8)")
     unknown = sorted(set(towers) - set(TOWERS))

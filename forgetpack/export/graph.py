@@ -87,6 +87,10 @@ def export_tower(
     input_name, input_dtype = INPUTS[tower]
     with single_query_pool(model if tower == "image" else None):
         proto = _to_onnx(module, tower, example, input_name, opset, max_sequence(model) if sequence is not None else None)
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:  # the exporter falls back to its own opset where it cannot convert
+        raise ForgetpackError(f"the ONNX exporter wrote the {tower} graph at opset {written}, not the {opset} asked for: "
+                              "export at its default opset instead")
     strip_prefix(proto, "model.")
     node, bias = projection_node(proto, tower, proj)
     matrix = initializer(proto, proj.target)

@@ -26,7 +26,7 @@ from forgetpack.format.errors import PatchError
 from forgetpack.format.metadata import recipe_names
 from forgetpack.format.patch import Patch, display_name, fingerprint
 
-__all__ = ["PROJECTION_NAMES", "TargetInfo", "apply_in_order", "check_fit", "display_name", "marks", "patchable_names",
+__all__ = ["PROJECTION_NAMES", "TargetInfo", "apply_in_order", "check_fit", "display_name", "expected_layout", "marks", "patchable_names",
            "recorded_marks", "targets_of"]
 
 # The matrices forgetpack's projection rules patch (``forgetpack.engine.projections``; a test keeps
@@ -80,8 +80,9 @@ def check_fit(
             raise PatchError(f"{made}: targets {name!r}, which {model} cannot patch (its patchable matrices: {known})")
         if tuple(target.shape) != tuple(info.shape):
             raise PatchError(f"{made}: target {name!r} is {list(target.shape)} but {model} has {list(info.shape)}")
-        if info.layout is not None and target.layout != info.layout:
-            raise PatchError(f"{made}: target {name!r} is stored {target.layout}, {model} stores it {info.layout}")
+        layout = expected_layout(name, info.layout)
+        if layout is not None and target.layout != layout:
+            raise PatchError(f"{made}: target {name!r} is stored {target.layout}, {model} stores it {layout}")
         if patch.base[name] != info.base:
             raise PatchError(
                 f"{made}: made for a different base: {name!r} base fingerprint {patch.base[name]}, {model} has {info.base}"
@@ -93,6 +94,21 @@ def check_fit(
                     f"{where}: computed on top of other patches ({name!r} parent {patch.parent[name]}), "
                     f"but {model} is at {now}"
                 )
+
+
+def expected_layout(name: str, known: str | None = None) -> str | None:
+    """The layout a model stores matrix ``name`` in: what it says (``known``: an export's manifest, a
+    loaded model), else what a projection's state-dict name implies (an ``nn.Linear`` weight,
+    ``….weight``, is ``out_in``; a bare projection parameter ``in_out``: ``engine.projections``, a
+    test keeps the two in step), else None (a matrix no projection rule names: shape decides).
+
+    The one layout rule: a bare checkpoint (``apply``, ``verify --base``) refuses a layout-flipped
+    patch exactly as the runtime does."""
+    if known is not None:
+        return known
+    if name not in PROJECTION_NAMES:
+        return None
+    return "out_in" if name.endswith(".weight") else "in_out"
 
 
 def patchable_names(names: Iterable[str]) -> list[str]:

@@ -9,6 +9,7 @@ import base64
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -25,6 +26,72 @@ VERSION = 1
 UNSIGNED_KEYS = ("digest", "signature", "key_id")  # outside the digest: a signature covers the digest
 JSON_KEYS = ("targets", "layers", "base", "parent", "result", "recipe", "effect", "components")
 FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+MAX_JSON_DEPTH = 32  # recipe, effect, components: a handful of levels in every patch forgetpack writes
+MAX_JSON_ITEMS = 1_000_000  # values in one metadata field (a recipe's vocabulary is the largest: thousands)
+NAME_LISTS = ("forget", "preserve", "templates")  # recipe fields every consumer lists as names
+
+
+def loads(where: str, key: str, text: str) -> Any:
+    """One metadata field's JSON, checked by :func:`check_json`: NaN and Infinity, which ``json``
+    would accept, are refused as they are read."""
+
+    def constant(name: str) -> Any:
+        raise PatchError(f"{where}metadata {key!r} holds {name}, which patch metadata may not")
+
+    try:
+        value = json.loads(text, parse_constant=constant)
+    except json.JSONDecodeError:
+        raise PatchError(f"{where}metadata {key!r} is not valid JSON") from None
+    except RecursionError:
+        raise PatchError(f"{where}metadata {key!r} is nested more than {MAX_JSON_DEPTH} levels deep") from None
+    check_json(where, key, value)
+    return value
+
+
+def check_json(where: str, key: str, value: Any) -> None:
+    """The one rule for JSON metadata, read or made: plain JSON values (objects with text keys),
+    finite numbers, at most ``MAX_JSON_DEPTH`` levels and ``MAX_JSON_ITEMS`` values."""
+    stack, count = [(value, 1)], 0
+    while stack:
+        item, depth = stack.pop()
+        count += 1
+        if depth > MAX_JSON_DEPTH:
+            raise PatchError(f"{where}metadata {key!r} is nested more than {MAX_JSON_DEPTH} levels deep")
+        if count > MAX_JSON_ITEMS:
+            raise PatchError(f"{where}metadata {key!r} holds more than {MAX_JSON_ITEMS} values")
+        if isinstance(item, dict):
+            if not all(isinstance(k, str) for k in item):
+                raise PatchError(f"{where}metadata {key!r} has an object key that is not text")
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, depth + 1) for v in item)
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                shown = "NaN" if math.isnan(item) else "Infinity" if item > 0 else "-Infinity"
+                raise PatchError(f"{where}metadata {key!r} holds {shown}, which patch metadata may not")
+        elif item is not None and not isinstance(item, (str, int)):  # bool is an int
+            raise PatchError(f"{where}metadata {key!r} holds a {type(item).__name__}, not a JSON value")
+
+
+def check_recipe(where: str, recipe: Mapping[str, Any], key: str = "recipe") -> None:
+    """A recipe's name lists (``forget``, ``preserve``, ``templates``), when present, are lists of text."""
+    for field in NAME_LISTS:
+        value = recipe.get(field)
+        if field in recipe and not (isinstance(value, list) and all(isinstance(n, str) for n in value)):
+            raise PatchError(f"{where}metadata {key!r} field {field!r} must be a list of strings, not {type(value).__name__}")
+
+
+def check_metadata(where: str, recipe: Mapping[str, Any], effect: Mapping[str, Any], components: Any) -> None:
+    """The JSON rule for a patch's free-form fields, as made and as read (``Patch.validate``): plain
+    finite JSON of bounded depth and size, and name lists of text in its recipe and its components'."""
+    for key, value in (("recipe", recipe), ("effect", effect), ("components", list(components))):
+        check_json(where, key, value)
+    check_recipe(where, recipe)
+    for i, component in enumerate(components):
+        if isinstance(component.get("recipe"), dict):
+            check_recipe(where, component["recipe"], f"components[{i}].recipe")
 
 
 def dumps(value: Any) -> str:

@@ -8,10 +8,12 @@ Torch-free, so the runtime can use it.
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from forgetpack.format.errors import ForgetpackError
+from forgetpack.format.fileio import check_input_file
 
 MAX_NAME_CHARS = 200
 
@@ -75,19 +77,36 @@ def check_labels(labels: str | Sequence[str]) -> list[str]:
     return labels
 
 
+def check_template(template: object) -> str:
+    """One prompt template: text with ``{}`` exactly once, where the name goes, and no other braces.
+
+    Inspected with ``string.Formatter().parse``, never formatted: a format spec, conversion, field
+    name or escaped brace (``{:>999999999}``, ``{!r}``, ``{0}``, ``{{``) is refused, so every consumer
+    may fill it with ``template.replace("{}", name)`` or ``template.format(name)`` alike.
+    """
+    if not isinstance(template, str):
+        raise ForgetpackError(f"template {template!r} is not text")
+    shown = template if len(template) <= 80 else template[:80] + "..."
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError:
+        parts = None  # unbalanced braces
+    fields = [] if parts is None else [p for p in parts if p[1] is not None]
+    plain = template.count("{") == template.count("}") == template.count("{}") == 1  # '{:}', '{{' and the like
+    if parts is None or not plain or len(fields) != 1 or fields[0][1:] != ("", "", None):
+        raise ForgetpackError(f"template {shown!r} must contain '{{}}' exactly once (where the name goes) "
+                              "and no other braces, format specs or conversions")
+    return template
+
+
 def check_templates(templates: str | Sequence[str] | None, default: Sequence[str] = CLASSIFY_TEMPLATES) -> list[str]:
-    """Prompt templates: each a format string with ``{}`` exactly once, where the name goes.
+    """Prompt templates, each checked by :func:`check_template`.
 
     ``None`` means ``default``; repeats are dropped (keeping order); an empty list is an error.
     """
     templates = list(default if templates is None else ([templates] if isinstance(templates, str) else templates))
     for t in templates:
-        if not isinstance(t, str) or t.count("{}") != 1:
-            raise ForgetpackError(f"template {t!r} must contain '{{}}' exactly once (where the name goes)")
-        try:
-            t.format("x")
-        except (IndexError, KeyError, ValueError) as exc:
-            raise ForgetpackError(f"template {t!r} is not a valid format string: {exc}") from None
+        check_template(t)
     out = list(dict.fromkeys(templates))
     if not out:
         raise ForgetpackError("no templates given")
@@ -96,9 +115,7 @@ def check_templates(templates: str | Sequence[str] | None, default: Sequence[str
 
 def read_names_file(path: str | Path, what: str = "preserve") -> list[str]:
     """Names from a UTF-8 text file: one per line; blank lines and ``#`` comments skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise ForgetpackError(f"{what} file {path} does not exist")
+    path = check_input_file(path, f"{what} file")  # missing, a folder, a FIFO: named as such
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:

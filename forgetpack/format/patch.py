@@ -14,7 +14,6 @@ This module imports numpy and safetensors only (never torch).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,11 +32,13 @@ from forgetpack.format.metadata import (
     UNSIGNED_KEYS,
     VERSION,
     check_fingerprints,
+    check_metadata,
     check_signature_fields,
     creation_time,
     decode,
     describe,
     dumps,
+    loads,
     recipe_key,
 )
 from forgetpack.format.metadata import digest as content_digest
@@ -207,6 +208,7 @@ class Patch:
             raise PatchError(f"{where}patch has {len(self.layers)} layers (at most {MAX_LAYERS})")
         if not all(isinstance(c, dict) for c in self.components):
             raise PatchError(f"{where}metadata 'components' must be a list of objects")
+        check_metadata(where, self.recipe, self.effect, self.components)
         for i, layer in enumerate(self.layers):
             if layer.target not in self.targets:
                 raise PatchError(f"{where}layer {i} changes undeclared target {layer.target!r}")
@@ -266,10 +268,7 @@ def _parse(path: Path, raw: Mapping[str, RawTensor], meta: Mapping[str, str]) ->
     def load(key: str, kind: type, default: Any = None) -> Any:
         if key not in meta:
             return default
-        try:
-            value = json.loads(meta[key])
-        except json.JSONDecodeError:
-            raise PatchError(f"{path}: metadata {key!r} is not valid JSON") from None
+        value = loads(f"{path}: ", key, meta[key])
         if value is None and default is None:
             return None
         if not isinstance(value, kind):

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from forgetpack.format.errors import SignatureError, one_line
-from forgetpack.format.fileio import check_output_file, write_bytes_atomic
+from forgetpack.format.fileio import check_input_file, check_output_file, write_bytes_atomic
 from forgetpack.format.patch import Patch, display_name
 
 _CONTEXT = b"forgetpack.patch.signature.v1\n"
@@ -118,8 +118,9 @@ def _why_not(data: bytes, wanted: str, exc: BaseException) -> str:
 
 
 def _read(path: str | os.PathLike[str]) -> bytes:
+    path = check_input_file(path, "key file", error=SignatureError)  # a FIFO or device would block the read
     try:
-        return Path(path).read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise SignatureError(f"{path}: cannot read key ({exc.strerror})") from None
 

@@ -19,7 +19,7 @@ PATCH = click.Path(dir_okay=False, path_type=Path)
 @click.option("--patch", "patches", multiple=True, type=PATCH, help="Bake this patch in (repeatable; applied in order).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Export directory.")
 @click.option("--quantize", type=click.Choice(["int8"]), help="Dynamic int8 quantization (onnxruntime.quantization).")
-@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18 to 20).")
 @click.option("--key", "keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Bake in only patches signed by one of these public keys.")
 @FORCE
@@ -36,11 +36,12 @@ def export(model: str, patches: tuple[Path, ...], output: Path, quantize: str | 
 
     from forgetpack.engine.models import load_model
     from forgetpack.evaluation.quantization import quantized_accuracy
-    from forgetpack.export import export_loaded
+    from forgetpack.export import check_opset, export_loaded
     from forgetpack.format.fileio import check_output_dir
     from forgetpack.format.patch import read_patch
     from forgetpack.format.signing import load_public_keys, require_signed
 
+    check_opset(opset)  # one line, before the model loads
     check_output_dir(output, force, inputs=[("the model", model_path(model)), *(("a patch", p) for p in patches),
                                             *(("a public key", k) for k in keys)])
     loaded_patches = [read_patch(p) for p in patches]

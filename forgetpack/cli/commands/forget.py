@@ -34,6 +34,7 @@ def _print_result(result: Any, output: Path, as_json: bool, command: str = "forg
     if as_json:
         print_json({**report, "patch": str(output), "size_bytes": size, "digest": result.patch.digest})
         _warn_unknown(report)
+        _warn_rank(report)
         return
     from rich.text import Text
 
@@ -66,6 +67,16 @@ def _print_result(result: Any, output: Path, as_json: bool, command: str = "forg
     if retained < RETAIN_WARNING:
         warn(f"only {retained:.1%} of the other candidates keep their class")
     _warn_unknown(report)
+    _warn_rank(report)
+
+
+def _warn_rank(report: dict[str, Any]) -> None:
+    """A --rank above what the solve gives is not an error (the ceiling is known only once solved),
+    but the patch's smaller rank is said, never silent."""
+    asked, got = report["recipe"].get("rank"), report["rank"]
+    if isinstance(asked, int) and got < asked:
+        warn(f"--rank {asked}: the patch has rank {got}, the most the {report['recipe']['solver']} solver gives "
+             "for this request (its exact optimum has no more independent directions)")
 
 
 def _warn_unknown(report: dict[str, Any]) -> None:
