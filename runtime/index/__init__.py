@@ -15,7 +15,8 @@ from __future__ import annotations
 from runtime.index.build import BuildProgress, BuildReport, build_index
 from runtime.index.rescore import RescoreReport, rescore
 from runtime.index.search import Hit, SearchReport, search
-from runtime.index.store import IndexStore, VerifyReport, verify_index
+from runtime.index.store import IndexStore
+from runtime.index.verify import VerifyReport, verify_index
 
 __all__ = ["BuildProgress", "BuildReport", "Hit", "IndexStore", "RescoreReport", "SearchReport", "VerifyReport",
            "build_index", "rescore", "search", "verify_index"]

@@ -22,7 +22,8 @@ from forgetpack.format.fileio import atomic_output, check_output_file
 from forgetpack.format.names import check_labels, check_templates
 from forgetpack.format.patch import Patch, read_patch
 from runtime.index.embed import load_towers
-from runtime.index.store import IndexStore, check_patches_fit, check_same_tower, check_unit, embeddings_of
+from runtime.index.store import IndexStore, check_patches_fit, check_same_tower, embeddings_of
+from runtime.index.verify import check_unit
 
 CHUNK_ROWS = 8192  # 8,192 x 512 float32 = 16 MiB per chunk for ViT-B-32; LanceDB's scan buffers grow with it
 

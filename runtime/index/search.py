@@ -19,7 +19,8 @@ import numpy as np
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.names import check_labels
 from runtime.index.rescore import PatchInput, class_weights, open_session, patched
-from runtime.index.store import IndexStore, check_unit, embeddings_of, lance_errors
+from runtime.index.store import IndexStore, embeddings_of, lance_errors
+from runtime.index.verify import check_unit
 
 NPROBES = 32
 REFINE_FACTOR = 4
