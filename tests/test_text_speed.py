@@ -176,11 +176,11 @@ def test_text_cache_is_bounded_and_tolerates_lost_or_broken_shards(tmp_path, mon
     from runtime.text_cache import TextFeatureCache
 
     rows = {f"prompt {i}": np.full(16, i, np.float32) for i in range(40)}
-    cache = TextFeatureCache("sha256:" + "ab" * 32, 16, max_bytes=3000, root=tmp_path)
-    for i in range(0, 40, 10):  # four shards of ten rows (~900 bytes each): the oldest must go
+    cache = TextFeatureCache("sha256:" + "ab" * 32, 16, max_bytes=3300, root=tmp_path)
+    for i in range(0, 40, 10):  # four shards of ten rows (~1,060 bytes each): the oldest must go
         cache.put({p: rows[p] for p in list(rows)[i : i + 10]})
         os.utime(cache.folder / cache._index[f"prompt {i}"], ns=(i * 10**9, i * 10**9))
-    assert sum(p.stat().st_size for p in cache.folder.glob("*.safetensors")) <= 3000
+    assert sum(p.stat().st_size for p in cache.folder.glob("*.safetensors")) <= 3300
     reader = TextFeatureCache(cache.export_id, 16, root=tmp_path)
     found = reader.get(list(rows))
     assert "prompt 0" not in found and set(found) >= {f"prompt {i}" for i in range(30, 40)}
