@@ -134,17 +134,17 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN_PREFIX)}
 
 
-def load_mini(device: str = "cpu", weights: str | os.PathLike[str] = WEIGHTS_PATH) -> tuple[torch.nn.Module, Any, Any]:
+def load_mini(device: str = "cpu", weights: str | os.PathLike[str] | None = None) -> tuple[torch.nn.Module, Any, Any]:
     """The ``mini`` model in eval mode, its preprocess and its tokenizer.
 
-    ``weights`` defaults to the shipped ``mini.safetensors``; a patched or applied copy of it
+    ``weights`` (None: the shipped ``mini.safetensors``, ``WEIGHTS_PATH``); a patched or applied copy of it
     (``forgetpack apply``) loads the same way. Every non-MiniLM weight must be in the file, and
     nothing else may be but MiniLM's own (a full state dict): a partial or foreign file is an
     error, not a silently half-random model.
     """
     from safetensors.torch import load_file
 
-    weights = Path(weights)
+    weights = Path(weights) if weights is not None else WEIGHTS_PATH
     if not weights.is_file():
         hint = " (run tools/train_mini.py)" if weights == WEIGHTS_PATH else ""
         raise ForgetpackError(f"mini weights not found: {weights}{hint}")
