@@ -249,3 +249,19 @@ def test_a_changed_folder_is_listed_again_but_junk_is_never_opened(tmp_path, mon
     assert set(cache.get(list(ROWS))) == set(ROWS)
     assert set(cache.get(list(ROWS))) == set(ROWS)
     assert not any(os.path.basename(p).startswith("junk-") for p in opened) and opened.count(bad.name) <= 1
+
+
+# ---------------------------------------------------------------------------- every other cache: one rule
+
+
+@pytest.mark.parametrize("kind", ["features", "image-embeddings", "warm-models", "training-data"])
+def test_every_cache_folder_is_private_and_refused_when_others_can_write(tmp_path, monkeypatch, caplog, kind) -> None:
+    from forgetpack.format import cache
+
+    monkeypatch.setenv("FORGETPACK_CACHE", str(tmp_path / "root"))
+    folder = cache.cache_dir(kind)
+    assert folder == tmp_path / "root" / kind and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    folder.chmod(0o777)
+    with caplog.at_level("WARNING", logger="forgetpack.format.cache"):
+        assert cache.cache_dir(kind) is None  # that cache is off, not trusted
+    assert "writable by others" in caplog.text and kind in caplog.text

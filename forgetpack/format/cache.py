@@ -11,12 +11,15 @@ folder whose content a process will act on (as ssh refuses a key file others can
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from pathlib import Path
 
 CACHE_ENV = "FORGETPACK_CACHE"
 OFF_VALUES = ("0", "off", "none", "false", "no")
+log = logging.getLogger(__name__)
+_refused: set[str] = set()  # folders already warned about in this process
 
 
 def cache_root() -> Path | None:
@@ -31,9 +34,25 @@ def cache_root() -> Path | None:
 
 
 def cache_dir(kind: str) -> Path | None:
-    """The folder for one kind of cache (``features``, ``image-embeddings``), or None when off."""
+    """The folder for one kind of cache (``features``, ``image-embeddings``), or None when off.
+
+    The folder is created 0700; one that others can change (``folder_problem``) turns that cache
+    off for the process, with one warning: what a cache holds decides what forgetpack answers."""
     root = cache_root()
-    return None if root is None else root / kind
+    if root is None:
+        return None
+    folder = root / kind
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:  # unwritable: each cache says so when it writes; a miss is only slower
+        return folder
+    problem = folder_problem(folder)
+    if problem is not None:
+        if str(folder) not in _refused:
+            _refused.add(str(folder))
+            log.warning("cache folder %s %s: that cache is off (make it a folder only you can write)", folder, problem)
+        return None
+    return folder
 
 
 def folder_problem(path: str | os.PathLike[str], st: os.stat_result | None = None) -> str | None:
