@@ -304,3 +304,17 @@ def test_i2_an_index_made_before_digests_is_verified_on_norms_and_still_grows(di
     assert build_index(digits, index, FP32, shard_size=16, resume=True).rows == 60
     report = verify_index(index)
     assert (report.rows, report.digests, report.damaged) == (60, False, False)
+
+
+def test_l4_column_on_a_folder_or_a_path_list_is_refused(tmp_path) -> None:
+    """``--column`` was silently ignored for a folder source (issue 24, L4)."""
+    from runtime.index.sources import list_items
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    listing = tmp_path / "paths.txt"
+    listing.write_text("")
+    for source, kind in ((folder, "folder"), (listing, "list of paths")):
+        with pytest.raises(ForgetpackError, match=f"--column names a column of a .parquet/.csv source; this is a {kind}"):
+            list_items(source, column="image")
+    assert list_items(folder) == []  # without --column a folder still lists

@@ -59,10 +59,13 @@ def content_hash(data: bytes) -> str:
 def list_items(source: str | os.PathLike[str], column: str | None = None) -> list[Item]:
     """The images of ``source``: a folder (recursive), a text file of paths, or a .parquet/.csv file."""
     path = Path(source)
+    suffix = path.suffix.lower()
+    if column is not None and (path.is_dir() or suffix not in (".parquet", ".csv")):
+        raise ForgetpackError(f"{path}: --column names a column of a .parquet/.csv source; this is a "
+                              f"{'folder' if path.is_dir() else 'list of paths'}, which has none")
     if path.is_dir():
         return _folder(path)
     check_input_file(path, "image source")
-    suffix = path.suffix.lower()
     if suffix in (".parquet", ".csv"):
         return _table(path, column)
     if suffix in LIST_SUFFIXES:
