@@ -34,4 +34,4 @@ fi
 pip install -q -c constraints.txt -e ".[test]"
 ruff check .
 lint-imports
-python -m pytest -q "$@"
+python -m pytest -q --durations=10 "$@"
