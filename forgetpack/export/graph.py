@@ -107,7 +107,8 @@ def export_tower(
     set_metadata(proto, {GRAPH_ID_KEY: graph_id, "forgetpack.tower": tower})
     onnx.save_model(proto, str(path))
     checks = [(example, example if sequence is None else None), *cases]
-    reproject, fp32 = _verify(path, reference, module, checks, input_name, proj, matrix, bias, tower)
+    expected = reference_outputs(reference, module, checks)  # torch runs once; the int8 graph is measured on it too
+    reproject, fp32 = _verify(path, expected, checks, input_name, proj, matrix, bias, tower)
     spec = Tower(
         file=path.name,
         input=input_name,
@@ -122,7 +123,7 @@ def export_tower(
     if quantize is None:
         return spec, entry, export_checks(tower, fp32)
     quantize(path, spec, entry)
-    return spec, entry, export_checks(tower, max_difference(_session(path), reference, module, checks, input_name), fp32)
+    return spec, entry, export_checks(tower, max_difference(_session(path), expected, checks, input_name), fp32)
 
 
 def export_checks(tower: str, shipped: float, fp32: float | None = None) -> dict[str, float]:
@@ -291,12 +292,11 @@ def set_metadata(proto: onnx.ModelProto, values: dict[str, str]) -> None:
 
 
 def _verify(
-    path: Path, reference: Any, module: Any, checks: Sequence[tuple[Any, Any]], input_name: str, proj: Any,
+    path: Path, expected: Sequence[np.ndarray], checks: Sequence[tuple[Any, Any]], input_name: str, proj: Any,
     matrix: np.ndarray, bias: str | None, tower: str,
 ) -> tuple[bool, float]:
-    """ONNX vs torch on every (graph input, reference input) pair; and whether ``features @ W (+ b)``
-    reproduces ``embeddings``. The reference is open_clip's own ``encode_*``; a pair without a
-    reference input is compared with the exported module (the trace example of a dynamic axis)."""
+    """ONNX vs torch (``expected``: ``reference_outputs``) on every check; and whether
+    ``features @ W (+ b)`` reproduces ``embeddings``."""
     session = _session(path)
     diff, reproject = 0.0, True
     bias_value = None
@@ -305,9 +305,9 @@ def _verify(
         reproject = info is not None
         bias_value = info.array().astype(np.float64) if info is not None else None
     w = matrix.astype(np.float64)
-    for graph_input, reference_input in checks:
+    for (graph_input, _), want in zip(checks, expected, strict=True):
         embeddings, features = session.run(["embeddings", "features"], {input_name: graph_input.numpy()})
-        diff = max(diff, max_difference(session, reference, module, [(graph_input, reference_input)], input_name))
+        diff = max(diff, _difference(embeddings, want))
         if not diff <= PARITY_TOLERANCE:
             raise ForgetpackError(f"the exported {tower} graph disagrees with torch: max abs difference {diff:.2e} "
                                   f"on normalised embeddings (input shape {list(graph_input.shape)})")
@@ -327,17 +327,24 @@ def _session(path: Path) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def max_difference(session: Any, reference: Any, module: Any, checks: Sequence[tuple[Any, Any]], input_name: str) -> float:
-    """Max abs difference of normalised embeddings, graph vs torch, over ``checks`` (see ``_verify``)."""
+def reference_outputs(reference: Any, module: Any, checks: Sequence[tuple[Any, Any]]) -> list[np.ndarray]:
+    """Torch's embeddings for each (graph input, reference input) check: open_clip's own ``encode_*``
+    on the reference input, or the exported module on the graph input where there is none (the
+    trace example of a dynamic axis)."""
     import torch
 
-    diff = 0.0
-    for graph_input, reference_input in checks:
-        (embeddings,) = session.run(["embeddings"], {input_name: graph_input.numpy()})
-        with torch.no_grad():
-            expected = (reference(reference_input) if reference_input is not None else module(graph_input)).numpy()
-        diff = max(diff, float(np.abs(_normalise(embeddings) - _normalise(expected)).max()))
-    return diff
+    with torch.no_grad():
+        return [(reference(r) if r is not None else module(g)).numpy() for g, r in checks]
+
+
+def max_difference(session: Any, expected: Sequence[np.ndarray], checks: Sequence[tuple[Any, Any]], input_name: str) -> float:
+    """Max abs difference of normalised embeddings, the graph in ``session`` vs ``expected``."""
+    return max(_difference(session.run(["embeddings"], {input_name: g.numpy()})[0], want)
+               for (g, _), want in zip(checks, expected, strict=True))
+
+
+def _difference(embeddings: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(_normalise(embeddings) - _normalise(expected)).max())
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
