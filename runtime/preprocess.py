@@ -101,9 +101,14 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
         handle = check_input_file(source, "image")
     else:
         raise ForgetpackError(f"cannot read an image from a {type(source).__name__}")
-    image = open_image(handle, name, max_pixels)
+    return decode_image(open_image(handle, name, max_pixels), name)
+
+
+def decode_image(image: Image.Image, name: str) -> Image.Image:
+    """Decode an image :func:`open_image` opened, now, so a truncated or corrupt file fails here, not
+    mid-batch (the service checks every image's header first, then decodes the same objects)."""
     try:
-        image.load()  # decode now, so a truncated or corrupt file fails here, not mid-batch
+        image.load()
     except Image.DecompressionBombError as exc:
         raise ForgetpackError(f"{name}: image refused ({exc})") from None
     except (OSError, ValueError, SyntaxError) as exc:  # PIL's UnidentifiedImageError is an OSError

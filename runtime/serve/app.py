@@ -15,7 +15,7 @@ import binascii
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,9 @@ from runtime.serve.service import Service, TooLarge, Unsupported
 
 PAGE = Path(__file__).with_name("page") / "index.html"
 TOP_K_RE = re.compile(r"[0-9]{1,4}")
+LENGTHS_RE = re.compile(r"[0-9]{1,10}(?: *, *[0-9]{1,10})*")
+BINARY_TYPES = ("application/octet-stream", "")  # and image/*: the bytes are sniffed, only IMAGE_FORMATS decode
+BINARY_QUERY = frozenset(("labels", "templates", "patches", "top_k"))
 
 
 class HTTPError(Exception):
@@ -77,24 +80,26 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
 
     # -- errors and metrics ------------------------------------------------------------
 
-    @app.exception_handler(HTTPError)
-    async def _http_error(request: Request, exc: HTTPError) -> JSONResponse:
-        return error(exc.status, exc.message, exc.headers)
-
-    @app.exception_handler(ForgetpackError)
-    async def _library_error(request: Request, exc: ForgetpackError) -> JSONResponse:
+    def answer_error(request: Request, exc: Exception) -> JSONResponse:
+        """The JSON answer to an error a route raises (``HANDLED``): the one mapping, for FastAPI's
+        exception handlers and for the hot routes that ``ObserveMiddleware`` calls directly."""
+        if isinstance(exc, HTTPError):
+            return error(exc.status, exc.message, exc.headers)
+        if isinstance(exc, Overloaded):
+            service.metrics.overloaded.inc()
+            return error(503, str(exc), {"Retry-After": str(exc.retry_after)})
+        if isinstance(exc, Closed):
+            return error(503, str(exc), {"Retry-After": "1"})
         if isinstance(exc, UnknownPatch) and request.method == "DELETE":
             return error(404, str(exc))
+        assert isinstance(exc, ForgetpackError)
         return error(status_of(exc), one_line(exc, 500))
 
-    @app.exception_handler(Overloaded)
-    async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
-        service.metrics.overloaded.inc()
-        return error(503, str(exc), {"Retry-After": str(exc.retry_after)})
+    async def _handled(request: Request, exc: Exception) -> JSONResponse:
+        return answer_error(request, exc)
 
-    @app.exception_handler(Closed)
-    async def _closed(request: Request, exc: Closed) -> JSONResponse:
-        return error(503, str(exc), {"Retry-After": "1"})
+    for kind in HANDLED:
+        app.add_exception_handler(kind, _handled)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -104,7 +109,8 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
     async def _starlette(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
-    app.add_middleware(ObserveMiddleware, service=service)
+    hot: dict[tuple[str, str], Any] = {}  # filled below: (method, path) -> route function
+    app.add_middleware(ObserveMiddleware, service=service, hot=hot, answer_error=answer_error)
 
     # -- reading bodies ------------------------------------------------------------------
 
@@ -166,6 +172,15 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
             raise HTTPError(422, f"{name}: send text fields, not files")
         return values or None
 
+    def classify_fields(fields: Any) -> tuple[list[str], list[str] | None, list[str] | None, int]:
+        """labels, templates, patches and top_k from multipart fields or query parameters (repeated
+        ``labels``, ``templates``, ``patches``; one ``top_k``): one reading of them for both."""
+        top_k = top_k_of(form_list(fields, "top_k"))
+        labels = form_list(fields, "labels")
+        if not labels:
+            raise HTTPError(422, "labels: give at least one label")
+        return labels, form_list(fields, "templates"), patch_ids(form_list(fields, "patches")), top_k
+
     # -- routes ----------------------------------------------------------------------
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -201,14 +216,44 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
         kind, body = await read_request(request, schemas.ClassifyJSON)
         if kind == "json":
             return JSONResponse(await service.classify(_decode_b64(body.images), body.labels, body.templates, body.patches, body.top_k))
-        top_k = form_list(body, "top_k") or ["5"]
-        if len(top_k) != 1 or not TOP_K_RE.fullmatch(top_k[0]) or not 1 <= int(top_k[0]) <= 1000:
-            raise HTTPError(422, "top_k: a whole number from 1 to 1000")  # ASCII digits: '²'.isdigit() is True
-        labels = form_list(body, "labels")
-        if not labels:
-            raise HTTPError(422, "labels: give at least one label")
-        return JSONResponse(await service.classify(await form_images(body), labels, form_list(body, "templates"),
-                                                   form_list(body, "patches"), int(top_k[0])))
+        labels, templates, patches, top_k = classify_fields(body)
+        return JSONResponse(await service.classify(await form_images(body), labels, templates, patches, top_k))
+
+    @app.post("/v1/classify/binary", summary="Zero-shot classification of raw image bytes (labels and patches in the query)",
+              openapi_extra=schemas.CLASSIFY_BINARY, responses=schemas.ERRORS)
+    async def classify_binary(request: Request) -> JSONResponse:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind not in BINARY_TYPES and not kind.startswith("image/"):
+            raise HTTPError(415, f"Content-Type {kind[:60]!r}: send the image bytes as application/octet-stream "
+                                 "(or image/png, image/jpeg, ...); JSON and multipart go to /v1/classify")
+        query = request.query_params
+        unknown = sorted(set(query) - BINARY_QUERY)
+        if unknown:
+            raise HTTPError(422, f"unknown query parameter {unknown[0][:40]!r}: use labels, templates, patches, top_k")
+        labels, templates, patches, top_k = classify_fields(query)  # before the body is read
+        images = split_images(await read_body(request), request.headers.getlist("x-image-lengths"))
+        return JSONResponse(await service.classify(images, labels, templates, patches, top_k))
+
+    def split_images(body: bytes, framing: list[str]) -> list[bytes]:
+        """The images of a binary body: the whole body, or the pieces ``X-Image-Lengths`` gives."""
+        if not body:
+            raise HTTPError(422, "no image: the body is empty (send the image file's bytes)")
+        if not framing:
+            return [body]
+        text = framing[0].strip()
+        if len(framing) > 1 or len(text) > 12 * (limits.max_images + 1) or not LENGTHS_RE.fullmatch(text):
+            raise HTTPError(400, "X-Image-Lengths: one header of byte counts separated by commas, e.g. '1234,5678'")
+        lengths = [int(n) for n in text.split(",")]
+        if len(lengths) > limits.max_images:
+            raise HTTPError(413, f"{len(lengths)} images in one request (at most {limits.max_images})")
+        if 0 in lengths or sum(lengths) != len(body):
+            raise HTTPError(400, f"X-Image-Lengths: {len(lengths)} images of {sum(lengths)} bytes in all, none empty, "
+                                 f"but the body has {len(body)} bytes")
+        out, start = [], 0
+        for n in lengths:
+            out.append(body[start : start + n])
+            start += n
+        return out
 
     @app.post("/v1/embed/image", summary="L2-normalised image embeddings",
               openapi_extra=schemas.EMBED_IMAGE_BODY, responses=schemas.ERRORS)
@@ -270,23 +315,38 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
         body = await read_json(request, schemas.DefaultPatches)
         return service.set_default(body.patches)
 
+    # the request routes, called straight from ObserveMiddleware: FastAPI's routing, dependency
+    # solving and exception middleware cost more CPU than the rest of a small request (issue 25);
+    # they stay declared above for the schema, and behave the same either way
+    hot.update({("POST", "/v1/classify"): classify, ("POST", "/v1/classify/binary"): classify_binary,
+                ("POST", "/v1/embed/image"): embed_image, ("POST", "/v1/embed/text"): embed_text})
     return app
 
 
+HANDLED = (HTTPError, ForgetpackError, Overloaded, Closed)  # what create_app's answer_error maps
+
+
 class ObserveMiddleware:
-    """Metrics for every request, and the body limit checked from ``Content-Length`` before reading.
+    """Metrics for every request, the body limit checked from ``Content-Length`` before reading, and
+    the hot routes (``hot``: classify, embed) called directly, their errors answered by ``answer_error``.
 
     Plain ASGI rather than ``@app.middleware("http")``, which costs a task and a stream per request."""
 
-    def __init__(self, app: Any, service: Service):
+    def __init__(self, app: Any, service: Service, hot: dict[tuple[str, str], Any], answer_error: Any):
         self.app, self.service, self.limit = app, service, service.limits.max_body_bytes
+        self.hot, self.answer_error = hot, answer_error
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         start, status = time.perf_counter(), 500
-        length = dict(scope.get("headers") or ()).get(b"content-length")
+        length = None
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                length = value
+                break
+        route = self.hot.get((scope["method"], scope["path"])) if not scope.get("root_path") else None
 
         async def observed_send(message: dict[str, Any]) -> None:
             nonlocal status
@@ -299,10 +359,34 @@ class ObserveMiddleware:
                 too_big = length.isdigit()
                 response = error(413 if too_big else 400, f"request body over {self.limit} bytes" if too_big else "malformed Content-Length")
                 await response(scope, receive, observed_send)
+            elif route is not None:
+                request = Request(scope, receive)
+                try:
+                    response = await route(request)
+                except HANDLED as exc:
+                    response = self.answer_error(request, exc)
+                await response(scope, receive, observed_send)
             else:
                 await self.app(scope, receive, observed_send)
         finally:
-            self.service.metrics.observe_request(route_of(scope), status, time.perf_counter() - start)
+            self.service.metrics.observe_request(scope["path"] if route is not None else route_of(scope), status,
+                                                 time.perf_counter() - start)
+
+
+def top_k_of(values: Sequence[str] | None) -> int:
+    """``top_k`` from text fields (multipart, query): one value, ASCII digits, 1 to 1000; 5 when absent."""
+    values = values or ["5"]
+    if len(values) != 1 or not TOP_K_RE.fullmatch(values[0]) or not 1 <= int(values[0]) <= 1000:
+        raise HTTPError(422, "top_k: a whole number from 1 to 1000")  # ASCII digits: '²'.isdigit() is True
+    return int(values[0])
+
+
+def patch_ids(values: Sequence[str] | None) -> list[str] | None:
+    """Patch ids from text fields (multipart, query): none given means the default set, one empty
+    value (``patches=``) means no patches at all (JSON's ``[]``), else the ids in order."""
+    if values is None:
+        return None
+    return [] if list(values) == [""] else list(values)
 
 
 def _decode_b64(images: list[str]) -> list[bytes]:

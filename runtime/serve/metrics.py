@@ -22,17 +22,23 @@ class ServeMetrics:
         self.state_lookups = Counter("forgetpack_patch_state_lookups", "Patch-state cache lookups", ["result"], registry=r)
         self.states = Gauge("forgetpack_patch_states", "Patch states held in memory", registry=r)
         self.overloaded = Counter("forgetpack_overloaded", "Requests refused with 503 because the queue was full", registry=r)
+        self._per_request: dict[tuple[str, int], tuple[Any, Any]] = {}  # (route, status) -> its counter and histogram
+        self._lookups = (self.state_lookups.labels("miss"), self.state_lookups.labels("hit"))
 
     def observe_batch(self, images: int, queued: int) -> None:
         self.batch_size.observe(images)
         self.queued.set(queued)
 
     def observe_lookup(self, hit: bool) -> None:
-        self.state_lookups.labels("hit" if hit else "miss").inc()
+        self._lookups[hit].inc()
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        """One request; ``route`` is a route template or "unmatched", so the label values stay few."""
+        children = self._per_request.get((route, status))
+        if children is None:  # a labelled child is looked up once, not on every request
+            children = self._per_request[(route, status)] = (self.requests.labels(route, str(status)), self.latency.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self, states: int) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

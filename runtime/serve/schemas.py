@@ -58,6 +58,25 @@ def body(json_model: type[BaseModel] | None, multipart: dict[str, Any] | None) -
 CLASSIFY_BODY = body(ClassifyJSON, _multipart(
     {"images": _FILES, "labels": _STRINGS, "templates": _STRINGS, "patches": _STRINGS,
      "top_k": {"type": "integer", "minimum": 1, "maximum": 1000}}, ["images", "labels"]))
+_QUERY_LIST = {"type": "array", "items": {"type": "string"}}
+CLASSIFY_BINARY = {
+    "parameters": [
+        {"name": "labels", "in": "query", "required": True, "style": "form", "explode": True, "schema": _QUERY_LIST,
+         "description": "the labels to classify over (repeat the parameter: labels=seven&labels=one)"},
+        {"name": "templates", "in": "query", "required": False, "style": "form", "explode": True, "schema": _QUERY_LIST,
+         "description": "prompt templates with {} once; default 'a photo of a {}.'"},
+        {"name": "patches", "in": "query", "required": False, "style": "form", "explode": True, "schema": _QUERY_LIST,
+         "description": PATCHES_NOTE.replace("[] for", "one empty value (patches=) for")},
+        {"name": "top_k", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+        {"name": "X-Image-Lengths", "in": "header", "required": False,
+         "schema": {"type": "string", "pattern": "^[0-9]+( *, *[0-9]+)*$"},
+         "description": "the byte length of each image, in order, when the body holds several images one after "
+                        "the other (they add up to the body's length); without it the body is one image"},
+    ],
+    "requestBody": {"required": True, "content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "image/*": {"schema": {"type": "string", "format": "binary"}}}},
+}
 EMBED_TEXT_BODY = body(EmbedTextJSON, None)
 DEFAULT_PATCHES_BODY = body(DefaultPatches, None)
 EMBED_IMAGE_BODY = body(EmbedImageJSON, _multipart({"images": _FILES, "patches": _STRINGS}, ["images"]))

@@ -4,6 +4,11 @@ One ``Service`` per process or replica: the model (onnx backend, its own patches
 the registry, the patch-state LRU, the image micro-batcher and the metrics. Every request
 resolves its patch set once (the ids it names, or the default set as it is at that moment) to an
 immutable state and uses only that state, so a default switch mid-request cannot tear it.
+
+What a request costs beyond inference is kept small (issue 25): a small request's images are
+decoded on the event loop (a thread hop costs more than decoding a thumbnail; a large one goes to
+a worker thread), a cached classifier is looked up without a thread, checked label sets are
+remembered, and the answer is built from one array conversion.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from forgetpack.format.names import check_labels, check_templates
 from forgetpack.format.patch import Patch
 from forgetpack.format.signing import load_public_keys
 from runtime import Model, PatchState
-from runtime.preprocess import ImageTooLarge, load_image, open_image
+from runtime.preprocess import ImageTooLarge, decode_image, open_image
 from runtime.serve.batching import ImageBatcher
 from runtime.serve.config import ServeConfig
 from runtime.serve.metrics import ServeMetrics
@@ -34,6 +39,12 @@ from runtime.serve.registry import DIGEST_RE, PatchRegistry
 from runtime.serve.states import PatchStates
 
 CLASSIFIER_CACHE = 1024  # zero-shot weight matrices kept, by patch state, labels and templates
+CHECKED_CACHE = 1024  # label and template lists already checked, as sent
+# A request whose images total at most INLINE_BYTES is checked from its headers on the event loop, and
+# decoded there too when they total at most INLINE_PIXELS (a few ms of decoding at most); any other
+# request is checked and decoded on a worker thread, so a large image never stalls the other requests.
+INLINE_BYTES = 256 * 1024
+INLINE_PIXELS = 512 * 512
 
 
 class TooLarge(ForgetpackError):
@@ -77,6 +88,7 @@ class Service:
         self._arriving_lock = threading.Lock()
         self._classifiers: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()  # by (state, labels, templates)
         self._classifiers_lock = threading.Lock()
+        self._checked: OrderedDict[tuple[Any, ...], tuple[list[str], list[str]]] = OrderedDict()
         if config.default_patches:
             self.set_default(list(config.default_patches), files_allowed=True)
 
@@ -99,14 +111,21 @@ class Service:
     def _encode_batch(self, images: list[Any], state: PatchState) -> np.ndarray:
         return self.model.encode_image(images, state)
 
-    def classifier(self, labels: list[str], templates: list[str], state: PatchState) -> np.ndarray:
-        """``Model.classifier`` under ``state``, cached: a label set is usually asked for again and again."""
+    def cached_classifier(self, labels: list[str], templates: list[str], state: PatchState) -> np.ndarray | None:
+        """The cached ``classifier`` for these labels, templates and state, or None (no model work)."""
         key = (state.digest, tuple(labels), tuple(templates))
         with self._classifiers_lock:
             weights = self._classifiers.get(key)
             if weights is not None:
                 self._classifiers.move_to_end(key)
-                return weights
+            return weights
+
+    def classifier(self, labels: list[str], templates: list[str], state: PatchState) -> np.ndarray:
+        """``Model.classifier`` under ``state``, cached: a label set is usually asked for again and again."""
+        weights = self.cached_classifier(labels, templates, state)
+        if weights is not None:
+            return weights
+        key = (state.digest, tuple(labels), tuple(templates))
         weights = self.model.classifier(labels, templates, state)
         with self._classifiers_lock:
             self._classifiers[key] = weights
@@ -120,32 +139,52 @@ class Service:
 
     # -- inputs ----------------------------------------------------------------------
 
-    def decode_images(self, blobs: Sequence[bytes]) -> tuple[list[Any], int]:
-        """Decoded images and their pixel count, reserved in the batcher's pixel budget (hand it on with
-        ``encode(..., reserved=True)``); every limit (bytes, pixels per image and per request, format)
-        is checked from the headers before any image is decoded."""
+    def check_images(self, blobs: Sequence[bytes]) -> tuple[list[Any], int]:
+        """Every limit on a request's images (count, bytes, pixels per image and per request, format),
+        checked from the bytes and the headers before any image is decoded: the images opened (header
+        read, pixels not decoded) and their pixel count."""
         if not blobs:
             raise ForgetpackError("no images given")
         if len(blobs) > self.limits.max_images:
             raise TooLarge(f"{len(blobs)} images in one request (at most {self.limits.max_images})")
+        opened: list[Any] = []
         total = 0
-        for i, blob in enumerate(blobs):
-            if len(blob) > self.limits.max_image_bytes:
-                raise TooLarge(f"image {i}: {len(blob)} bytes (at most {self.limits.max_image_bytes})")
-            with self._image_errors(i), open_image(io.BytesIO(blob), "<bytes>", self.limits.max_pixels) as header:
-                total += header.width * header.height
-        if total > self.limits.max_request_pixels:
-            raise TooLarge(f"{total:,} pixels in the images of one request (at most {self.limits.max_request_pixels:,})")
-        self.batcher.reserve(total)  # decoding images hold memory as queued ones do: one budget for both
         try:
-            out = []
             for i, blob in enumerate(blobs):
+                if len(blob) > self.limits.max_image_bytes:
+                    raise TooLarge(f"image {i}: {len(blob)} bytes (at most {self.limits.max_image_bytes})")
                 with self._image_errors(i):
-                    out.append(load_image(blob, self.limits.max_pixels))
+                    opened.append(open_image(io.BytesIO(blob), "<bytes>", self.limits.max_pixels))
+                total += opened[-1].width * opened[-1].height
+            if total > self.limits.max_request_pixels:
+                raise TooLarge(f"{total:,} pixels in the images of one request (at most {self.limits.max_request_pixels:,})")
+        except BaseException:
+            for image in opened:
+                image.close()
+            raise
+        return opened, total
+
+    def decode_images(self, blobs: Sequence[bytes], checked: tuple[list[Any], int] | None = None) -> tuple[list[Any], int]:
+        """Decoded images and their pixel count, reserved in the batcher's pixel budget (hand it on with
+        ``encode(..., reserved=True)``); ``check_images`` runs first, unless ``checked`` is what it
+        returned for these very blobs."""
+        opened, total = self.check_images(blobs) if checked is None else checked
+        try:
+            self.batcher.reserve(total)  # decoding images hold memory as queued ones do: one budget for both
+        except BaseException:
+            for image in opened:
+                image.close()
+            raise
+        try:
+            for i, image in enumerate(opened):
+                with self._image_errors(i):
+                    decode_image(image, "<bytes>")
         except BaseException:
             self.batcher.release(total)
+            for image in opened:
+                image.close()
             raise
-        return out, total
+        return opened, total
 
     @staticmethod
     @contextlib.contextmanager
@@ -159,6 +198,21 @@ class Service:
             raise type(exc)(f"image {i}: {str(exc).removeprefix('<bytes>: ')}") from None
 
     def check_labels(self, labels: Sequence[str], templates: Sequence[str] | None) -> tuple[list[str], list[str]]:
+        """Labels and templates as ``names.check_labels``/``check_templates`` and the limits have them;
+        a list already checked is remembered (as sent), so a repeated label set costs a lookup."""
+        key = (tuple(labels), None if templates is None else tuple(templates))
+        with self._classifiers_lock:
+            checked = self._checked.get(key)
+        if checked is not None:
+            return checked
+        checked = self._check_labels(labels, templates)
+        with self._classifiers_lock:
+            self._checked[key] = checked
+            while len(self._checked) > CHECKED_CACHE:
+                self._checked.popitem(last=False)
+        return checked
+
+    def _check_labels(self, labels: Sequence[str], templates: Sequence[str] | None) -> tuple[list[str], list[str]]:
         if len(labels) > self.limits.max_labels:
             raise TooLarge(f"{len(labels)} labels (at most {self.limits.max_labels})")
         if templates is not None and len(templates) > self.limits.max_templates:
@@ -189,33 +243,50 @@ class Service:
         finally:
             arrived()
 
-    def _decode_and_queue(self, blobs: Sequence[bytes], state: PatchState, arrived: Callable[[], None]) -> Future:
-        """Decode (reserving the pixels) and queue in one go, on a worker thread: a request cancelled
-        meanwhile cannot leave its pixels counted in the budget with no job to release them."""
-        images, pixels = self.decode_images(blobs)
+    def _decode_and_queue(self, blobs: Sequence[bytes], state: PatchState, arrived: Callable[[], None],
+                          checked: tuple[list[Any], int] | None = None) -> Future:
+        """Decode (reserving the pixels) and queue in one go: a request cancelled meanwhile cannot
+        leave its pixels counted in the budget with no job to release them."""
+        images, pixels = self.decode_images(blobs, checked)
         arrived()
         return self.batcher.submit(images, state, pixels, reserved=True)
+
+    async def _queue(self, blobs: Sequence[bytes], state: PatchState, arrived: Callable[[], None]) -> Future:
+        """``_decode_and_queue`` on the event loop for a small request (``INLINE_BYTES``, ``INLINE_PIXELS``),
+        else on a worker thread."""
+        checked = None
+        if sum(len(b) for b in blobs[: self.limits.max_images + 1]) <= INLINE_BYTES:
+            checked = self.check_images(blobs)
+            if checked[1] <= INLINE_PIXELS:
+                return self._decode_and_queue(blobs, state, arrived, checked)
+        return await asyncio.to_thread(self._decode_and_queue, blobs, state, arrived, checked)
 
     async def classify(self, blobs: Sequence[bytes], labels: Sequence[str], templates: Sequence[str] | None,
                        ids: Sequence[str] | None, top_k: int = 5) -> dict[str, Any]:
         with self._arrival() as arrived:
             labels, templates = self.check_labels(labels, templates)
             state = self.state(ids)
-            queued = await asyncio.to_thread(self._decode_and_queue, blobs, state, arrived)
-            embeddings, weights = await asyncio.gather(asyncio.wrap_future(queued),
-                                                       asyncio.to_thread(self.classifier, labels, templates, state))
+            queued = await self._queue(blobs, state, arrived)
+            weights = self.cached_classifier(labels, templates, state)
+            if weights is None:  # a new label set: its text features are computed beside the images
+                embeddings, weights = await asyncio.gather(asyncio.wrap_future(queued),
+                                                           asyncio.to_thread(self.classifier, labels, templates, state))
+            else:
+                embeddings = await asyncio.wrap_future(queued)
         predictions = self.model.predict(embeddings @ weights, labels)
-        k = min(top_k, len(labels))
-        return {
-            "model": self.model.model_id, "patch_state": self.describe_state(state), "labels": labels, "templates": templates,
-            "results": [{"label": p.label, "score": p.score,
-                         "top": [{"label": label, "prob": prob} for label, prob in p.top(labels, k)]} for p in predictions],
-        }
+        probs = np.stack([p.probs for p in predictions])
+        order = np.argsort(-probs, axis=1, kind="stable")[:, : min(top_k, len(labels))]  # Prediction.top's order
+        results = [{"label": p.label, "score": p.score,
+                    "top": [{"label": labels[i], "prob": prob} for i, prob in zip(ranks, row, strict=True)]}
+                   for p, ranks, row in zip(predictions, order.tolist(), np.take_along_axis(probs, order, axis=1).tolist(),
+                                             strict=True)]
+        return {"model": self.model.model_id, "patch_state": self.describe_state(state), "labels": labels,
+                "templates": templates, "results": results}
 
     async def embed_images(self, blobs: Sequence[bytes], ids: Sequence[str] | None) -> dict[str, Any]:
         with self._arrival() as arrived:
             state = self.state(ids)
-            queued = await asyncio.to_thread(self._decode_and_queue, blobs, state, arrived)
+            queued = await self._queue(blobs, state, arrived)
             embeddings = await asyncio.wrap_future(queued)
         return {"model": self.model.model_id, "patch_state": self.describe_state(state), "embeddings": embeddings.tolist()}
 
