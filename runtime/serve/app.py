@@ -13,9 +13,8 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +31,14 @@ from runtime.preprocess import ImageTooLarge, UnsupportedImage
 from runtime.serve import schemas
 from runtime.serve.batching import Closed, Overloaded
 from runtime.serve.config import ServeConfig, token_matches
+from runtime.serve.fields import HTTPError, patch_ids, split_images, top_k_of
 from runtime.serve.metrics import route_of
 from runtime.serve.registry import PatchInUse, RegistryUnavailable, UnknownPatch
 from runtime.serve.service import Service, TooLarge, Unsupported
 
 PAGE = Path(__file__).with_name("page") / "index.html"
-TOP_K_RE = re.compile(r"[0-9]{1,4}")
-LENGTHS_RE = re.compile(r"[0-9]{1,10}(?: *, *[0-9]{1,10})*")
 BINARY_TYPES = ("application/octet-stream", "")  # and image/*: the bytes are sniffed, only IMAGE_FORMATS decode
 BINARY_QUERY = frozenset(("labels", "templates", "patches", "top_k"))
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -231,29 +223,8 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
         if unknown:
             raise HTTPError(422, f"unknown query parameter {unknown[0][:40]!r}: use labels, templates, patches, top_k")
         labels, templates, patches, top_k = classify_fields(query)  # before the body is read
-        images = split_images(await read_body(request), request.headers.getlist("x-image-lengths"))
+        images = split_images(await read_body(request), request.headers.getlist("x-image-lengths"), limits.max_images)
         return JSONResponse(await service.classify(images, labels, templates, patches, top_k))
-
-    def split_images(body: bytes, framing: list[str]) -> list[bytes]:
-        """The images of a binary body: the whole body, or the pieces ``X-Image-Lengths`` gives."""
-        if not body:
-            raise HTTPError(422, "no image: the body is empty (send the image file's bytes)")
-        if not framing:
-            return [body]
-        text = framing[0].strip()
-        if len(framing) > 1 or len(text) > 12 * (limits.max_images + 1) or not LENGTHS_RE.fullmatch(text):
-            raise HTTPError(400, "X-Image-Lengths: one header of byte counts separated by commas, e.g. '1234,5678'")
-        lengths = [int(n) for n in text.split(",")]
-        if len(lengths) > limits.max_images:
-            raise HTTPError(413, f"{len(lengths)} images in one request (at most {limits.max_images})")
-        if 0 in lengths or sum(lengths) != len(body):
-            raise HTTPError(400, f"X-Image-Lengths: {len(lengths)} images of {sum(lengths)} bytes in all, none empty, "
-                                 f"but the body has {len(body)} bytes")
-        out, start = [], 0
-        for n in lengths:
-            out.append(body[start : start + n])
-            start += n
-        return out
 
     @app.post("/v1/embed/image", summary="L2-normalised image embeddings",
               openapi_extra=schemas.EMBED_IMAGE_BODY, responses=schemas.ERRORS)
@@ -371,22 +342,6 @@ class ObserveMiddleware:
         finally:
             self.service.metrics.observe_request(scope["path"] if route is not None else route_of(scope), status,
                                                  time.perf_counter() - start)
-
-
-def top_k_of(values: Sequence[str] | None) -> int:
-    """``top_k`` from text fields (multipart, query): one value, ASCII digits, 1 to 1000; 5 when absent."""
-    values = values or ["5"]
-    if len(values) != 1 or not TOP_K_RE.fullmatch(values[0]) or not 1 <= int(values[0]) <= 1000:
-        raise HTTPError(422, "top_k: a whole number from 1 to 1000")  # ASCII digits: '²'.isdigit() is True
-    return int(values[0])
-
-
-def patch_ids(values: Sequence[str] | None) -> list[str] | None:
-    """Patch ids from text fields (multipart, query): none given means the default set, one empty
-    value (``patches=``) means no patches at all (JSON's ``[]``), else the ids in order."""
-    if values is None:
-        return None
-    return [] if list(values) == [""] else list(values)
 
 
 def _decode_b64(images: list[str]) -> list[bytes]:
