@@ -640,7 +640,7 @@ def drive(tool: str, url: str, bodies: list[tuple[str, dict, bytes]], folder: Pa
         requests += errors
         failed = requests - ok
         rate = number(r"Requests/sec:\s+([\d.]+)")
-        p50, p99 = (1000 * number(rf"{q}%% in ([\d.]+) secs", float("nan")) for q in ("50", "99"))
+        p50, p99 = (1000 * number(rf"{q}% in ([\d.]+) secs", float("nan")) for q in ("50", "99"))
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"requests": requests, "failed": failed, "requests_per_s": rate or requests / elapsed, "p50_ms": p50,
             "p99_ms": p99, "generator_cpu_ms": 1000 * cpu / max(requests, 1)}
@@ -792,7 +792,7 @@ def report(result: dict, args: argparse.Namespace) -> list[bool]:
           f"of 2 images ({two['calls_per_s']:.1f} calls/s); at the server's batch sizes, per 2 images: "
           + ", ".join(f"batch {n} {b['cpu_ms']:.3f} ms" for n, b in inproc["batches"].items()))
     header = (f"{'route':<10} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6} {'batch':>6} {'server CPU':>11} "
-              f"{'loop':>7} {'other':>7} {'beyond inf.':>11} {'same batch':>10} {'svc/in-proc':>11} {'wall':>6} {'wrk CPU':>8}")
+              f"{'loop':>7} {'other':>7} {'beyond inf.':>11} {'same batch':>10} {'svc/in-proc':>11} {'wall':>6} {'gen CPU':>8}")
     print(header)
     for route, r in routes.items():
         print(f"{route:<10} {r['requests_per_s']:>8.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['failed']:>6d} "
@@ -802,7 +802,7 @@ def report(result: dict, args: argparse.Namespace) -> list[bool]:
     print("(server CPU: all its threads, per request answered; loop: the event loop's thread; other: the batcher "
           "running onnxruntime and the worker threads; beyond inf.: server CPU minus in-process at 2 images a call; "
           "same batch: minus in-process at the server's own batch size; svc/in-proc: in-process CPU a call over server "
-          "CPU a request (the same core budget); wall: requests/s over in-process calls/s)")
+          "CPU a request (the same core budget); wall: requests/s over in-process calls/s; gen CPU: the load generator's)")
     verdicts = []
     b = routes["binary"]
     ratio_target = CORE_RATIO_TARGETS.get(spec, CORE_RATIO_TARGETS["ViT-B-32:none"])
