@@ -69,22 +69,20 @@ def outcomes(space: TextSpace, change: Change | None, variants: Sequence[Variant
     """Each variant's outcome against the ``retained`` classes (forget names and their aliases
     excluded by the caller). ``change`` None measures the base model only (``reached`` equals
     ``recognised``)."""
+    by_template: dict[str, list[int]] = {}
+    for i, v in enumerate(variants):
+        by_template.setdefault(v.template, []).append(i)
+    n = len(retained)
+    others = space.block([t.format(r) for t in by_template for r in retained])  # every template at once
+    own, stand_in = space.block([v.prompt for v in variants]), space.block([v.stand_in for v in variants])
+    if change is not None:
+        new_others, new_own = unit_rows(space.changed(others, change)), unit_rows(space.changed(own, change))
     out = []
-    by_template: dict[str, list[Variant]] = {}
-    for v in variants:
-        by_template.setdefault(v.template, []).append(v)
-    for template, group in by_template.items():
-        others = [template.format(r) for r in retained]
-        stand_in = unit_rows(space.embed([v.stand_in for v in group]))
-        base_others = unit_rows(space.embed(others)) if others else np.zeros((0, stand_in.shape[1]))
-        base_own = unit_rows(space.embed([v.prompt for v in group]))
-        recognised = _wins(stand_in, base_own, base_others)
-        if change is None:
-            reached = recognised
-        else:
-            new_others = unit_rows(space.embed_changed(others, change)) if others else base_others
-            reached = _wins(stand_in, unit_rows(space.embed_changed([v.prompt for v in group], change)), new_others)
-        out += [Outcome(v, bool(r), bool(h)) for v, r, h in zip(group, recognised, reached, strict=True)]
+    for k, group in enumerate(by_template.values()):
+        rows = slice(k * n, (k + 1) * n)
+        recognised = _wins(stand_in.unit[group], own.unit[group], others.unit[rows])
+        reached = recognised if change is None else _wins(stand_in.unit[group], new_own[group], new_others[rows])
+        out += [Outcome(variants[i], bool(r), bool(h)) for i, r, h in zip(group, recognised, reached, strict=True)]
     return out
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from forgetpack.engine.bypass import Outcome, outcomes, prompts_needed, still_close, summarise
-from forgetpack.engine.measure import Change, SolveContext, cosine_drift, feature_change
+from forgetpack.engine.measure import Change, SolveContext, cosine_drift, feature_change, per_template
 from forgetpack.engine.preserve import Neighbourhood, unit_rows
 from forgetpack.engine.variants import FamilyContext, Variant, generate
 
@@ -95,11 +95,7 @@ def regressed(ctx: SolveContext, templates: Sequence[str], change: Change) -> li
     """Prompts of retained classes whose original embedding now picks another candidate."""
     keep = set(retained_of(ctx))
     out = []
-    for t in templates:
-        prompts = [t.format(c) for c in ctx.candidates]
-        before = unit_rows(ctx.space.embed(prompts))
-        after = unit_rows(ctx.space.embed_changed(prompts, change))
-        pred = np.argmax(before @ after.T, axis=1)
+    for _, prompts, _, pred in per_template(ctx.space, templates, ctx.candidates, change):
         out += [prompts[i] for i, c in enumerate(ctx.candidates) if c in keep and pred[i] != i]
     return out
 
@@ -132,7 +128,7 @@ def drift(ctx: SolveContext, grid: Grid, change: Change) -> float:
     return float(np.mean(cosine_drift(ctx.space, prompts, change))) if prompts else 0.0
 
 
-def no_worse(ctx: SolveContext, grid: Grid, solved: Any) -> Callable[[Change], bool]:
+def no_worse(ctx: SolveContext, grid: Grid, solved: Any) -> Callable[[Any], bool]:
     """A test that a smaller solve finds no more in the grid than ``solved`` and leaves no more of
     the forget prompts close to their originals (``bypass.still_close``), for the rank search:
     on mini, truncating hardened two-name patches to two factors passed the grid yet left "one"
@@ -146,9 +142,13 @@ def no_worse(ctx: SolveContext, grid: Grid, solved: Any) -> Callable[[Change], b
     close = close_forget_prompts(ctx, grid.templates, feature_change(solved.layer, ctx.projection))
     close += int(CLOSE_SLACK * len(grid.templates) * len(ctx.forget))
 
-    def accept(change: Change) -> bool:
+    def accept(trial: Any) -> bool:
+        change = feature_change(trial.layer, ctx.projection)
         if close_forget_prompts(ctx, grid.templates, change) > close:  # the cheap test first: a few hundred prompts
             return False
+        audit = trial.effect.audit  # a trial hardened at its rank was checked through the grid last thing
+        if audit:  # (bypasses and regressions depend on the change and the candidates only, as here)
+            return len(audit.get("bypasses", [])) + len(audit.get("regressed", [])) <= found
         result = check(ctx, grid, change)
         return len(result.bypasses) + len(result.regressed) <= found
 
@@ -158,7 +158,7 @@ def no_worse(ctx: SolveContext, grid: Grid, solved: Any) -> Callable[[Change], b
 def close_forget_prompts(ctx: SolveContext, templates: Sequence[str], change: Change) -> int:
     """How many forget names, each under each of ``templates``, keep their original direction after ``change``."""
     prompts = [t.format(f) for t in templates for f in ctx.forget]
-    before = unit_rows(ctx.space.embed(prompts))
+    before = ctx.space.block(prompts).unit
     return int(still_close(before, unit_rows(ctx.space.embed_changed(prompts, change))).sum())
 
 

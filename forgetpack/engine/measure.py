@@ -16,7 +16,7 @@ step of a solve receives.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,32 @@ PROBE_TEMPLATES = (
 Change = np.ndarray | tuple[np.ndarray, np.ndarray]
 
 
+MAX_BLOCKS = 64  # prompt lists a TextSpace keeps stacked (a hardened request uses a few dozen)
+LOW_RANK = 32  # changes of at most this rank are measured through their factors (``per_template``)
+SIMILARITY_BUDGET = 32_000_000  # base similarities a block may keep for that (float64: 256 MB)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One list of prompts, stacked once: their features, base embeddings and unit base embeddings.
+
+    Verification and hardening look at the same prompt lists (a template's candidates, the
+    grid's variants) through dozens of changes; stacking their rows from the feature dict on
+    every look cost a hardened mini request more time than the arithmetic. Read-only."""
+
+    X: np.ndarray  # [n, width] float64 features
+    base: np.ndarray  # [n, embed] embeddings through the base projection
+    unit: np.ndarray  # base, each row scaled to unit length
+    _similar: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, compare=False)
+
+    def similar(self, rows: slice) -> np.ndarray:
+        """``unit[rows] @ base[rows].T``, kept (``per_template``)."""
+        key = (rows.start or 0, rows.stop)
+        if key not in self._similar:
+            self._similar[key] = _frozen(self.unit[rows] @ self.base[rows].T)
+        return self._similar[key]
+
+
 @dataclass
 class TextSpace:
     """Pre-projection features of prompts, and their embeddings through the base projection."""
@@ -49,29 +75,56 @@ class TextSpace:
     M: np.ndarray  # feature-form base projection, y = x @ M
     bias: np.ndarray | None
     _base: dict[str, np.ndarray] = field(default_factory=dict)  # base embeddings, computed once per prompt
+    _blocks: dict[tuple[str, ...], Block] = field(default_factory=dict)  # the last MAX_BLOCKS prompt lists
 
     def features_of(self, prompts: Sequence[str]) -> np.ndarray:
-        return np.stack([self.features[p] for p in prompts]).astype(np.float64)
+        """Features of ``prompts`` (float64; a copy the caller may change)."""
+        return self.block(prompts).X.copy()
+
+    def block(self, prompts: Sequence[str]) -> Block:
+        """The stacked :class:`Block` of ``prompts`` (memoised; a prompt's features never change)."""
+        key = tuple(prompts)
+        found = self._blocks.pop(key, None)  # popped and put back: the dict's order is the recency
+        if found is None and not key:
+            found = Block(*(_frozen(np.zeros((0, d))) for d in (self.M.shape[0], self.M.shape[1], self.M.shape[1])))
+        elif found is None:
+            X = np.stack([self.features[p] for p in key]).astype(np.float64)
+            todo = list(dict.fromkeys(p for p in key if p not in self._base))
+            if todo:
+                todo_X = X if len(todo) == len(key) else np.stack([self.features[p] for p in todo]).astype(np.float64)
+                self._base.update(zip(todo, self._project(todo_X, self.M), strict=True))
+            base = np.stack([self._base[p] for p in key])
+            found = Block(_frozen(X), _frozen(base), _frozen(unit_rows(base)))
+            if len(self._blocks) >= MAX_BLOCKS:
+                self._blocks.pop(next(iter(self._blocks)))
+        self._blocks[key] = found
+        return found
 
     def embed(self, prompts: Sequence[str], M: np.ndarray | None = None) -> np.ndarray:
         """Embeddings through ``M`` (default: the base projection, memoised)."""
         if M is None:
-            todo = list(dict.fromkeys(p for p in prompts if p not in self._base))
-            if todo:
-                self._base.update(zip(todo, self._project(self.features_of(todo), self.M), strict=True))
-            return np.stack([self._base[p] for p in prompts])
-        return self._project(self.features_of(prompts), M)
+            return self.block(prompts).base
+        return self._project(self.block(prompts).X, M)
 
     def embed_changed(self, prompts: Sequence[str], change: Change) -> np.ndarray:
         """Embeddings through the projection after ``change``."""
+        return self.changed(self.block(prompts), change)
+
+    def changed(self, block: Block, change: Change) -> np.ndarray:
+        """A block's embeddings through the projection after ``change``."""
         if isinstance(change, tuple):
             up, down = change
-            return self.embed(prompts) + (self.features_of(prompts) @ up) @ down
-        return self.embed(prompts, change)
+            return block.base + (block.X @ up) @ down
+        return self._project(block.X, change)
 
     def _project(self, X: np.ndarray, M: np.ndarray) -> np.ndarray:
         y = X @ M
         return y + self.bias if self.bias is not None else y
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
 
 
 @dataclass(frozen=True)
@@ -136,11 +189,7 @@ def measure(ctx: SolveContext, change: Change) -> Effect:
     outranked = dict.fromkeys(ctx.forget, True)
     retained_by_template = {}
     lost: dict[str, list[str]] = {}
-    for t in (*ctx.templates, *ctx.probes):
-        prompts = [t.format(c) for c in candidates]
-        before = unit_rows(space.embed(prompts))
-        after = unit_rows(space.embed_changed(prompts, change))
-        pred = np.argmax(before @ after.T, axis=1)
+    for t, _, own, pred in per_template(space, (*ctx.templates, *ctx.probes), candidates, change):
         for c in keepers:
             if pred[idx[c]] != idx[c]:
                 lost.setdefault(c, []).append(t)
@@ -148,7 +197,7 @@ def measure(ctx: SolveContext, change: Change) -> Effect:
             continue  # a probe: per-class verdicts only
         for f in ctx.forget:
             i = idx[f]
-            similarity[f].append(float(before[i] @ after[i]))
+            similarity[f].append(float(own[i]))
             predicted[f][t] = candidates[pred[i]]
             if pred[i] == i:
                 outranked[f] = False
@@ -158,7 +207,7 @@ def measure(ctx: SolveContext, change: Change) -> Effect:
     vocabulary_retained = 1.0
     if ctx.pool:
         names = [*ctx.forget, *ctx.pool]
-        pred = np.argmax(unit_rows(space.embed(names)) @ unit_rows(space.embed_changed(names, change)).T, axis=1)
+        _, _, _, pred = next(per_template(space, ["{}"], names, change))
         keep = [i for i, n in enumerate(names) if n not in forget_set and n not in alias_set]
         vocabulary_retained = float(np.mean(pred[keep] == np.asarray(keep))) if keep else 1.0  # never NaN: metadata refuses it
     return Effect(
@@ -175,9 +224,42 @@ def measure(ctx: SolveContext, change: Change) -> Effect:
     )
 
 
+def per_template(space: TextSpace, templates: Sequence[str], names: Sequence[str],
+                 change: Change) -> Iterator[tuple[str, list[str], np.ndarray, np.ndarray]]:
+    """For each template: its prompts of ``names``, each base embedding's cosine to its own
+    changed embedding, and for each prompt the one whose changed embedding its base embedding is
+    closest to (its own index when it keeps its class). Every template's rows are changed at once
+    (a hardened check looks at 85 templates of a few hundred names, dozens of times).
+
+    A change of rank ``r ≤ LOW_RANK`` is measured through its factors: with base rows ``b_j``,
+    unit rows ``u_i`` and ``q_j = x_j·up``, the cosine of ``u_i`` and the changed ``a_j`` is
+    ``(u_i·b_j + (u_i·downᵀ)·q_j) / ‖b_j + q_j·down‖``, whose first term is the same for every
+    change (``Block.similar``): a product of width ``r`` instead of the embedding's, for the
+    rank search's low-rank solves. The same numbers, rounded differently in the last bits."""
+    n = len(names)
+    prompts = [t.format(c) for t in templates for c in names]
+    block = space.block(prompts)
+    if isinstance(change, tuple) and change[0].shape[1] <= LOW_RANK and n * len(prompts) <= SIMILARITY_BUDGET:
+        up, down = change
+        Q = block.X @ up
+        norm = np.sqrt(np.maximum(np.sum(block.base * block.base, axis=1) + 2 * np.sum((block.base @ down.T) * Q, axis=1)
+                                  + np.sum((Q @ (down @ down.T)) * Q, axis=1), 1e-24))
+        P = block.unit @ down.T
+        for k, t in enumerate(templates):
+            rows = slice(k * n, (k + 1) * n)
+            cosine = (block.similar(rows) + P[rows] @ Q[rows].T) / norm[rows]
+            yield t, prompts[rows], np.diagonal(cosine), np.argmax(cosine, axis=1)
+        return
+    after = unit_rows(space.changed(block, change))
+    for k, t in enumerate(templates):
+        rows = slice(k * n, (k + 1) * n)
+        before = block.unit[rows]
+        yield t, prompts[rows], np.einsum("ij,ij->i", before, after[rows]), np.argmax(before @ after[rows].T, axis=1)
+
+
 def cosine_drift(space: TextSpace, prompts: Sequence[str], change: Change) -> np.ndarray:
     """Per prompt, how far ``change`` turns its embedding: ``1 - cos(before, after)``."""
-    return 1.0 - np.sum(unit_rows(space.embed(prompts)) * unit_rows(space.embed_changed(prompts, change)), axis=1)
+    return 1.0 - np.sum(space.block(prompts).unit * unit_rows(space.embed_changed(prompts, change)), axis=1)
 
 
 def most_moved(space: TextSpace, change: Change, pool: Sequence[str], exclude: set[str], count: int) -> list[str]:

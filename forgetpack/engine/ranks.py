@@ -13,14 +13,14 @@ from dataclasses import replace
 from typing import Any
 
 from forgetpack.engine import harden
-from forgetpack.engine.measure import Change, SolveContext, feature_change, measure
+from forgetpack.engine.measure import SolveContext, feature_change, measure
 from forgetpack.engine.solvers import Solution, Weights
 from forgetpack.format.errors import ForgetpackError
 
 RANK_SLACK = 0.005  # vocabulary retention a smaller rank may give up against the full solve
 
 
-def smallest_rank(ctx: SolveContext, solved: Any, accept: Callable[[Change], bool] | None = None,
+def smallest_rank(ctx: SolveContext, solved: Any, accept: Callable[[Any], bool] | None = None,
                   at_rank: Callable[[int], list[Any]] | None = None) -> Any:
     """The fewest factors that do as well as all of them.
 
@@ -44,7 +44,7 @@ def smallest_rank(ctx: SolveContext, solved: Any, accept: Callable[[Change], boo
             e = trial.effect
             if (e.all_outranked and len(e.lost) <= len(effect.lost) and e.retained_min >= effect.retained_min
                     and e.vocabulary_retained >= effect.vocabulary_retained - RANK_SLACK
-                    and (accept is None or accept(feature_change(trial.layer, ctx.projection)))):
+                    and (accept is None or accept(trial))):
                 return trial
     return solved
 
