@@ -21,19 +21,23 @@ def serve_export(tmp_path_factory) -> Path:
 
 
 def forget_patches(tmp_path_factory, names=("seven", "three")) -> dict[str, Path]:
-    """Real patches, as ``forgetpack forget mini --forget NAME`` makes them (made once per test session)."""
-    folder = tmp_path_factory.getbasetemp() / "serve-patches"
-    paths = {name: folder / f"{name}.fpatch.safetensors" for name in names}
-    missing = [name for name, path in paths.items() if not path.is_file()]
-    if missing:
+    """Real patches, as ``forgetpack forget mini --forget NAME`` makes them (made once per test run and
+    shared by pytest-xdist's workers: tests/run_shared.py)."""
+    from run_shared import build_once
+
+    def build(folder: Path) -> None:
         from forgetpack.engine.models import load_model
         from forgetpack.engine.solve import forget
 
         folder.mkdir(parents=True, exist_ok=True)
         loaded = load_model("mini")
-        for name in missing:
-            forget(loaded, [name]).patch.save(paths[name])
-    return paths
+        for name in names:
+            if not (folder / f"{name}.fpatch.safetensors").is_file():
+                forget(loaded, [name]).patch.save(folder / f"{name}.fpatch.safetensors")
+
+    folder = build_once(tmp_path_factory, "serve-patches", lambda f: all((f / f"{n}.fpatch.safetensors").is_file() for n in names),
+                        build)
+    return {name: folder / f"{name}.fpatch.safetensors" for name in names}
 
 
 def digits(label: str, count: int) -> list[Image.Image]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from run_shared import build_once
 
 from forgetpack.cli import main
 from forgetpack.format.manifest import content_hash
@@ -25,11 +26,12 @@ DIGITS = "zero,one,two,three,four,five,six,seven,eight,nine"
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    out = tmp_path_factory.getbasetemp() / "exports" / "mini"
-    if not (out / "manifest.json").is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
+    """The run's mini export (tests/run_shared.py), made by the command when this module is first to need it."""
+
+    def build(out):
         assert main(["export", "mini", "-o", str(out), "--force"]) == 0
-    return out
+
+    return build_once(tmp_path_factory, "exports/mini", lambda out: (out / "manifest.json").is_file(), build)
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +106,8 @@ def test_hot_patch_baked_int8_export_and_torch_agree(capsys, tmp_path_factory, t
     torch = run_json(capsys, ["classify", "mini", *common, "--backend", "torch", "--patch", str(patch)])
     assert [r["label"] for r in hot["results"]] == [r["label"] for r in torch["results"]]
 
-    int8_dir = tmp_path_factory.getbasetemp() / "exports" / "mini-int8"
-    if not int8_dir.exists():
-        quantize_export(export_dir, int8_dir)
+    int8_dir = build_once(tmp_path_factory, "exports/mini-int8", lambda out: (out / "manifest.json").is_file(),
+                          lambda out: quantize_export(export_dir, out))  # shared with test_runtime.py
     baked_dir = tmp_path / "baked"
     assert main(["export", "mini", "--patch", str(patch), "-o", str(baked_dir), "--quantize", "int8", "--json"]) == 0
     manifest = json.loads(capsys.readouterr().out)

@@ -13,6 +13,8 @@ from runtime.index import IndexStore, build_index
 
 TESTS = Path(__file__).resolve().parent
 
+pytestmark = pytest.mark.xdist_group("ray")  # one Ray cluster at a time under pytest-xdist (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def ray_local():

@@ -26,6 +26,13 @@ def test_readme_test_command_is_the_script_ci_runs() -> None:
     assert command == "bash tools/run_tests.sh"
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert command in ci, "CI must run the README's test command verbatim"
+    # The README quotes the script's pytest line: in parallel (pytest-xdist, in the test extra), the ten slowest listed.
+    (line,) = [line for line in SCRIPT.read_text().splitlines() if line.startswith("python -m pytest")]
+    assert line.endswith(' "$@"')
+    pytest_line = line.removesuffix(' "$@"')
+    assert f"`{pytest_line}`" in " ".join((ROOT / "README.md").read_text().split())
+    assert {"--durations=10", "-n", "--dist"} <= set(pytest_line.split())
+    assert re.search(r'^\s*"pytest-xdist[><=]', (ROOT / "pyproject.toml").read_text(), re.M)
 
 
 def fake_apt(tmp_path: Path) -> tuple[Path, Path]:

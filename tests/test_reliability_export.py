@@ -41,12 +41,11 @@ def loaded():
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory, loaded):
-    from forgetpack.export import export_loaded
+def export_dir(tmp_path_factory):
+    """The run's mini export (shared with test_runtime.py and the others; the tests here only read it or copy it)."""
+    from test_runtime import cached_export
 
-    out = tmp_path_factory.mktemp("reliability") / "mini-export"
-    export_loaded(loaded, out)
-    return out
+    return cached_export(tmp_path_factory, "mini")
 
 
 def _copy(src: Path, dst: Path, edit=None, reseal: bool = True) -> Path:
@@ -66,6 +65,7 @@ def _copy(src: Path, dst: Path, edit=None, reseal: bool = True) -> Path:
 # ---------------------------------------------------------------------------- 3, 4, 10: killed and racing writers
 
 
+@pytest.mark.xdist_group("kill-export")  # its own process, no fixture of this module: any worker may take it
 def test_export_force_killed_anywhere_leaves_the_old_or_the_new_export(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(HERE / "kill_harness.py"), str(tmp_path / "dest"), "30", "20261202"],
                             capture_output=True, text=True, timeout=900)

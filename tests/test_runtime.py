@@ -1,8 +1,8 @@
 """The runtime on ``mini``: parity with torch on the held-out sets, hot-swap, int8, preprocessing and
 tokenization equal to open_clip's, the torch-free path, third-party backends and bad input.
 
-``mini`` is exported once (into pytest's session temp dir, where test_classify_cli.py finds
-it too); ViT-B-32 is covered in test_export.py.
+``mini`` is exported once per run (into the run's temp dir, where test_classify_cli.py and others
+find it too); ViT-B-32 is covered in test_export.py.
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cached_export(tmp_path_factory, name: str, spec: str = "mini", **kwargs) -> Path:
-    """Export once per test session (shared by the test modules through the session temp dir)."""
+    """Export once per test run (shared by the test modules, and by pytest-xdist's workers, through the
+    run's temp dir: tests/run_shared.py)."""
+    from run_shared import build_once
+
     from forgetpack.export import export
 
-    out = tmp_path_factory.getbasetemp() / "exports" / name
-    if not (out / "manifest.json").is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        export(spec, out, force=True, **kwargs)
-    return out
+    return build_once(tmp_path_factory, f"exports/{name}", lambda out: (out / "manifest.json").is_file(),
+                      lambda out: export(spec, out, force=True, **kwargs))
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +109,12 @@ def test_mini_hot_swap_equals_baked_equals_torch(tmp_path_factory, onnx_model, t
 
 @pytest.mark.slow
 def test_int8_mini_accuracy_close_to_fp32(tmp_path_factory, export_dir, onnx_model, heldout):
+    from run_shared import build_once
+
     from forgetpack.export import quantize_export
 
-    out = tmp_path_factory.getbasetemp() / "exports" / "mini-int8"
-    if not out.exists():
-        quantize_export(export_dir, out)
+    out = build_once(tmp_path_factory, "exports/mini-int8", lambda out: (out / "manifest.json").is_file(),
+                     lambda out: quantize_export(export_dir, out))  # shared with test_classify_cli.py
     int8 = runtime.load(out, threads=2)
     report = {}
     for name, (data, templates) in heldout.items():

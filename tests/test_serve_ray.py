@@ -12,6 +12,8 @@ from forgetpack.format.patch import read_patch
 from runtime.serve import ServeConfig
 from runtime.serve.registry import PatchRegistry
 
+pytestmark = pytest.mark.xdist_group("ray")  # one Ray cluster at a time under pytest-xdist (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def ray_app(tmp_path_factory):

@@ -89,6 +89,7 @@ def test_resume_reports_the_skipped_images_as_already_indexed(tmp_path: Path, ca
 # ------------------------------------------------------------------ c) serve --ray drains on SIGTERM
 
 
+@pytest.mark.xdist_group("ray")  # its Ray cluster never beside another one (tests/conftest.py)
 def test_serve_ray_drains_on_sigterm(tmp_path_factory) -> None:
     pytest.importorskip("ray")
     port = free_port()

@@ -34,4 +34,6 @@ fi
 pip install -q -c constraints.txt -e ".[test]"
 ruff check .
 lint-imports
-python -m pytest -q --durations=10 "$@"
+# Tests run in parallel processes (pytest-xdist), one per core and at most 4 (each holds torch models); a
+# worker runs each module whole, and the Ray tests one after the other (tests/conftest.py). `-n 0` runs serially.
+python -m pytest -q --durations=10 -n auto --maxprocesses 4 --dist loadgroup --no-loadscope-reorder "$@"
