@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from forgetpack.engine.measure import Change, TextSpace
+from forgetpack.engine.measure import Change, TextSpace, factored
 from forgetpack.engine.preserve import unit_rows
 from forgetpack.engine.variants import Variant
 
@@ -75,21 +75,34 @@ def outcomes(space: TextSpace, change: Change | None, variants: Sequence[Variant
     n = len(retained)
     others = space.block([t.format(r) for t in by_template for r in retained])  # every template at once
     own, stand_in = space.block([v.prompt for v in variants]), space.block([v.stand_in for v in variants])
+    low = factored(others, change)  # a low-rank change: the others' cosines through its factors
     if change is not None:
-        new_others, new_own = unit_rows(space.changed(others, change)), unit_rows(space.changed(own, change))
+        new_own = unit_rows(space.changed(own, change))
+        new_others = unit_rows(space.changed(others, change)) if low is None else None
     out = []
     for k, group in enumerate(by_template.values()):
         rows = slice(k * n, (k + 1) * n)
-        recognised = _wins(stand_in.unit[group], own.unit[group], others.unit[rows])
-        reached = recognised if change is None else _wins(stand_in.unit[group], new_own[group], new_others[rows])
+        s = stand_in.unit[group]
+        recognised = _wins(s, own.unit[group], others.unit[rows])
+        if change is None:
+            reached = recognised
+        elif low is None:
+            reached = _wins(s, new_own[group], new_others[rows])
+        else:  # as measure.per_template: (s·b_j + (s·downᵀ)·q_j) / ‖b_j + q_j·down‖
+            Q, norm = low
+            to_others = (others.similar(rows, s, tuple(variants[i].stand_in for i in group))
+                         + (s @ change[1].T) @ Q[rows].T) / norm[rows]
+            reached = _wins(s, new_own[group], None, to_others)
         out += [Outcome(variants[i], bool(r), bool(h)) for i, r, h in zip(group, recognised, reached, strict=True)]
     return out
 
 
-def _wins(stand_in: np.ndarray, own: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """Row by row: does the variant's embedding beat every other class for the stand-in?"""
+def _wins(stand_in: np.ndarray, own: np.ndarray, others: np.ndarray | None, to_others: np.ndarray | None = None) -> np.ndarray:
+    """Row by row: does the variant's embedding beat every other class for the stand-in?
+    (``to_others``: the stand-ins' cosines to the others, when already known.)"""
     own_score = np.sum(stand_in * own, axis=1)
-    best_other = (stand_in @ others.T).max(axis=1) if len(others) else np.full(len(own_score), -np.inf)
+    scores = stand_in @ others.T if to_others is None else to_others
+    best_other = scores.max(axis=1) if scores.shape[1] else np.full(len(own_score), -np.inf)
     return own_score > best_other
 
 

@@ -57,14 +57,21 @@ class Block:
     X: np.ndarray  # [n, width] float64 features
     base: np.ndarray  # [n, embed] embeddings through the base projection
     unit: np.ndarray  # base, each row scaled to unit length
-    _similar: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, compare=False)
+    _kept: dict[Any, np.ndarray] = field(default_factory=dict, compare=False)
 
-    def similar(self, rows: slice) -> np.ndarray:
-        """``unit[rows] @ base[rows].T``, kept (``per_template``)."""
-        key = (rows.start or 0, rows.stop)
-        if key not in self._similar:
-            self._similar[key] = _frozen(self.unit[rows] @ self.base[rows].T)
-        return self._similar[key]
+    def squared(self) -> np.ndarray:
+        """Each base row's squared length, kept."""
+        if "squared" not in self._kept:
+            self._kept["squared"] = _frozen(np.sum(self.base * self.base, axis=1))
+        return self._kept["squared"]
+
+    def similar(self, rows: slice, to: np.ndarray | None = None, key: Any = None) -> np.ndarray:
+        """``to @ base[rows].T`` (``to``: unit rows named by ``key``; default ``unit[rows]``),
+        kept: the part of a low-rank change's cosines that no change alters (``per_template``)."""
+        key = (rows.start or 0, rows.stop, key)
+        if key not in self._kept:
+            self._kept[key] = _frozen((self.unit[rows] if to is None else to) @ self.base[rows].T)
+        return self._kept[key]
 
 
 @dataclass
@@ -239,12 +246,10 @@ def per_template(space: TextSpace, templates: Sequence[str], names: Sequence[str
     n = len(names)
     prompts = [t.format(c) for t in templates for c in names]
     block = space.block(prompts)
-    if isinstance(change, tuple) and change[0].shape[1] <= LOW_RANK and n * len(prompts) <= SIMILARITY_BUDGET:
-        up, down = change
-        Q = block.X @ up
-        norm = np.sqrt(np.maximum(np.sum(block.base * block.base, axis=1) + 2 * np.sum((block.base @ down.T) * Q, axis=1)
-                                  + np.sum((Q @ (down @ down.T)) * Q, axis=1), 1e-24))
-        P = block.unit @ down.T
+    low = factored(block, change) if n * len(prompts) <= SIMILARITY_BUDGET else None
+    if low is not None:
+        Q, norm = low
+        P = block.unit @ change[1].T
         for k, t in enumerate(templates):
             rows = slice(k * n, (k + 1) * n)
             cosine = (block.similar(rows) + P[rows] @ Q[rows].T) / norm[rows]
@@ -257,9 +262,27 @@ def per_template(space: TextSpace, templates: Sequence[str], names: Sequence[str
         yield t, prompts[rows], np.einsum("ij,ij->i", before, after[rows]), np.argmax(before @ after[rows].T, axis=1)
 
 
+def factored(block: Block, change: Change | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """For a change of rank at most ``LOW_RANK``: ``Q = X·up`` of the block's rows and the lengths
+    of their changed embeddings ``‖b + Q·down‖``, from products of width ``r``; otherwise None."""
+    if not isinstance(change, tuple) or change[0].shape[1] > LOW_RANK:
+        return None
+    up, down = change
+    base = block.base
+    Q = block.X @ up
+    squared = block.squared() + 2 * np.sum((base @ down.T) * Q, axis=1) + np.sum((Q @ (down @ down.T)) * Q, axis=1)
+    return Q, np.sqrt(np.maximum(squared, 1e-24))
+
+
 def cosine_drift(space: TextSpace, prompts: Sequence[str], change: Change) -> np.ndarray:
     """Per prompt, how far ``change`` turns its embedding: ``1 - cos(before, after)``."""
-    return 1.0 - np.sum(space.block(prompts).unit * unit_rows(space.embed_changed(prompts, change)), axis=1)
+    block = space.block(prompts)
+    low = factored(block, change)
+    if low is None:
+        return 1.0 - np.sum(block.unit * unit_rows(space.changed(block, change)), axis=1)
+    Q, norm = low
+    own = np.sum(block.unit * block.base, axis=1) + np.sum((block.unit @ change[1].T) * Q, axis=1)
+    return 1.0 - own / norm
 
 
 def most_moved(space: TextSpace, change: Change, pool: Sequence[str], exclude: set[str], count: int) -> list[str]:

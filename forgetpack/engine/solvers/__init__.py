@@ -145,12 +145,22 @@ def available_solvers() -> dict[str, metadata.EntryPoint]:
 
 
 def find_solver(name: str) -> metadata.EntryPoint:
-    """The entry point of solver ``name``, or a one-line error naming the installed ones."""
+    """The entry point of solver ``name``, or a one-line error naming the installed ones.
+
+    Found names are remembered: scanning the installed packages costs about 10 ms, and a hardened
+    request builds a dozen requests (one per rank it tries). A name not found yet is looked up again,
+    so a solver installed while the process runs is still found."""
+    if name in _FOUND:
+        return _FOUND[name]
     found = available_solvers()
     if name not in found:
         known = ", ".join(sorted(found)) or "none"
         raise ForgetpackError(f"unknown solver {name!r} (installed: {known}; solvers register in entry-point group {GROUP})")
+    _FOUND.update(found)
     return found[name]
+
+
+_FOUND: dict[str, metadata.EntryPoint] = {}
 
 
 def get_solver(name: str) -> Solver:

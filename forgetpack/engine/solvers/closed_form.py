@@ -133,7 +133,7 @@ def _decompose(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
 
 def _fingerprint(problem: Problem) -> bytes:
     """What the decomposition depends on: everything in the problem but its rank."""
-    h = hashlib.blake2b(digest_size=20)
+    h = hashlib.sha1(usedforsecurity=False)  # a cache key, not a signature; hashes at about 2 GB/s
     h.update(repr((problem.weights, problem.n_preserve)).encode())
     for array in (problem.M, problem.X_f, problem.T, problem.X_p, problem.Y_p):
         array = np.ascontiguousarray(array)
