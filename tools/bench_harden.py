@@ -36,7 +36,7 @@ TARGETS = {"cold_s": 60.0, "warm_s": 5.0, "patch_kb": 32.0}
 
 
 def run(model: str, name: str, harden: bool, cache: str, out: Path) -> tuple[float, dict]:
-    command = [sys.executable, "-m", "forgetpack.cli", "forget", model, "--forget", name, "-o", str(out), "--json",
+    command = [sys.executable, "-m", "forgetpack.cli", "forget", model, "--forget", name, "-o", str(out), "--json", "--force",
                "--harden" if harden else "--no-harden"]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "FORGETPACK_CACHE": cache})

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -85,15 +87,9 @@ def solve_closed_form(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
     ``LᵀΔ* = U₀ · SVD(Λ^½ Vᵀ C)`` and the rank-r optimum ``L⁻ᵀ SVD_r(LᵀΔ*)`` is
     ``A V Λ^-½ U_c,r S_r V_c,rᵀ``: a few small matrices.
     """
-    key = _fingerprint(problem)
-    with _LOCK:
-        found = _DECOMPOSITIONS.pop(key, None)
-    if found is None:
-        found = _decompose(problem)
-    with _LOCK:
-        _DECOMPOSITIONS[key] = found  # most recently used last
-        while len(_DECOMPOSITIONS) > MAX_DECOMPOSITIONS:
-            _DECOMPOSITIONS.pop(next(iter(_DECOMPOSITIONS)))
+    digests = {name: _digest(getattr(problem, name)) for name in ("M", "X_f", "T", "X_p", "Y_p")}
+    key = (repr((problem.weights, problem.n_preserve)), *digests.values())
+    found = _kept(_DECOMPOSITIONS, key, lambda: _decompose(problem, digests))
     lifted, Uc, S, Vct = found
     nonzero = int(np.sum(S > RANK_TOL * max(S[0], 1e-300))) if S.size else 0
     r = max(1, min(nonzero, problem.rank or nonzero))
@@ -102,25 +98,49 @@ def solve_closed_form(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
     return up, root[:, None] * Vct[:r]
 
 
-# The rank-independent part of recent solves. Hardening solves one problem at several ranks (its
-# rank ladder starts every rank from the same two contexts), and the rank only truncates the
-# last SVD: a hardened mini request repeated 6 of its 34 decompositions.
-MAX_DECOMPOSITIONS = 8
-_DECOMPOSITIONS: dict[bytes, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+# What recent solves computed, by the digests of their arrays. Hardening solves one problem at
+# several ranks (its rank ladder starts every rank from the same two contexts), and the rank only
+# truncates the last SVD; its rounds change the forget rows or the preserve rows' weights, rarely
+# both, so each Gram matrix recurs. Every entry is computed exactly as without the cache.
+MAX_KEPT = 8
+_DECOMPOSITIONS: dict[Any, Any] = {}  # rank-independent part of a solve
+_GRAMS: dict[Any, Any] = {}  # Xᵀ X of a row block
+_RESIDUALS: dict[Any, Any] = {}  # whether Y_p = X_p M exactly (the usual preserve target)
 _LOCK = threading.Lock()  # the service solves in threads
 
 
-def _decompose(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _kept(cache: dict[Any, Any], key: Any, compute: Callable[[], Any]) -> Any:
+    """``cache[key]``, computed by ``compute`` when missing; the ``MAX_KEPT`` most recent are kept."""
+    with _LOCK:
+        found = cache.pop(key, None)
+    if found is None:
+        found = compute()
+    with _LOCK:
+        cache[key] = found  # most recently used last
+        while len(cache) > MAX_KEPT:
+            cache.pop(next(iter(cache)))
+    return found
+
+
+def _digest(array: np.ndarray) -> bytes:
+    """sha1 of an array's dtype, shape and bytes: a cache key, not a signature (about 2 GB/s)."""
+    array = np.ascontiguousarray(array)
+    h = hashlib.sha1(repr((array.dtype.str, array.shape)).encode(), usedforsecurity=False)
+    h.update(array.tobytes() if array.size == 0 else memoryview(array).cast("B"))
+    return h.digest()
+
+
+def _decompose(problem: Problem, digests: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``A V Λ^-½`` and the SVD of ``Λ^½ Vᵀ C`` (see ``solve_closed_form``)."""
     a, b, c = coefficients(problem)
     X_f, X_p, M = problem.X_f, problem.X_p, problem.M
-    G = a * (X_f.T @ X_f) + c * np.eye(M.shape[0])
+    G = a * _kept(_GRAMS, digests["X_f"], lambda: X_f.T @ X_f) + c * np.eye(M.shape[0])
     X, C = X_f, a * (problem.T - X_f @ M)
     if len(X_p):
-        G += b * (X_p.T @ X_p)
-        R_p = problem.Y_p - X_p @ M
-        if np.any(R_p != 0):
-            X, C = np.concatenate([X, X_p]), np.concatenate([C, b * R_p])
+        G += b * _kept(_GRAMS, digests["X_p"], lambda: X_p.T @ X_p)
+        residual = (digests["Y_p"], digests["X_p"], digests["M"])
+        if not _kept(_RESIDUALS, residual, lambda: not np.any(problem.Y_p - X_p @ M != 0)):
+            X, C = np.concatenate([X, X_p]), np.concatenate([C, b * (problem.Y_p - X_p @ M)])
     A = np.linalg.solve(G, X.T)  # [width, n]
     K = X @ A
     lam, V = np.linalg.eigh((K + K.T) / 2)
@@ -129,14 +149,3 @@ def _decompose(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
     small = (np.sqrt(lam)[:, None] * V.T) @ C  # Λ^½ Vᵀ C
     Uc, S, Vct = np.linalg.svd(small, full_matrices=False)
     return A @ (V / np.sqrt(lam)), Uc, S, Vct
-
-
-def _fingerprint(problem: Problem) -> bytes:
-    """What the decomposition depends on: everything in the problem but its rank."""
-    h = hashlib.sha1(usedforsecurity=False)  # a cache key, not a signature; hashes at about 2 GB/s
-    h.update(repr((problem.weights, problem.n_preserve)).encode())
-    for array in (problem.M, problem.X_f, problem.T, problem.X_p, problem.Y_p):
-        array = np.ascontiguousarray(array)
-        h.update(repr((array.dtype.str, array.shape)).encode())
-        h.update(array.tobytes() if array.size == 0 else memoryview(array).cast("B"))
-    return h.digest()
