@@ -233,3 +233,21 @@ def test_schema_fuzz_of_the_binary_route_finds_no_server_error(client):
 
     fuzz()
     assert len(seen) >= 20
+
+
+def test_the_service_keeps_freed_buffers_for_its_batches(monkeypatch):
+    """glibc (CI's Debian) accepts the thresholds, and the service asks for them when it starts:
+    without them ViT-B-32's server paid 20% more CPU than the same inference in-process
+    (runtime/serve/memory.py, tools/load_test.py)."""
+    import platform
+
+    from forgetpack.format.errors import ForgetpackError
+    from runtime.serve import memory, service
+
+    if platform.libc_ver()[0] == "glibc":
+        assert memory.keep_freed_buffers() is True
+    calls = []
+    monkeypatch.setattr(service, "keep_freed_buffers", lambda: calls.append(1) or True)
+    with pytest.raises(ForgetpackError, match="not an export directory"):  # the call comes first
+        service.Service(ServeConfig(source="/nonexistent-export"))
+    assert calls == [1]

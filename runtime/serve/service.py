@@ -34,6 +34,7 @@ from runtime import Model, PatchState
 from runtime.preprocess import ImageTooLarge, decode_image, open_image
 from runtime.serve.batching import ImageBatcher
 from runtime.serve.config import ServeConfig
+from runtime.serve.memory import keep_freed_buffers
 from runtime.serve.metrics import ServeMetrics
 from runtime.serve.registry import DIGEST_RE, PatchRegistry
 from runtime.serve.states import PatchStates
@@ -60,6 +61,7 @@ class Service:
 
     def __init__(self, config: ServeConfig, model: Model | None = None, read_only: bool = False):
         """``read_only`` (``serve --check``): the registry folder is read, never created or written."""
+        keep_freed_buffers()  # batches reuse their buffers instead of faulting pages in each time
         self.config = config
         self.limits = config.limits
         if model is None:
