@@ -169,3 +169,28 @@ def test_cache_root_follows_xdg_cache_home(monkeypatch, tmp_path) -> None:
     assert cache_root() == tmp_path / "home" / ".cache" / "forgetpack"
     monkeypatch.setenv("FORGETPACK_CACHE", str(tmp_path / "mine"))
     assert cache_root() == tmp_path / "mine"
+
+
+def test_shards_another_process_wrote_meanwhile_are_read(tmp_path, monkeypatch):
+    """A process looks at the cache folder again when prompts are missing, so processes sharing
+    a cache (a service and a CLI, parallel test workers) use what the others wrote since it first
+    looked; before, the folder was read once per process."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("FORGETPACK_CACHE", str(tmp_path))
+    features.clear_memory_cache()
+
+    class Weightless:  # a warm run's model: knows its fingerprint, cannot encode
+        text_fingerprint = "sha256:" + "ab" * 32
+        can_encode = False
+
+    loaded = SimpleNamespace(model=Weightless(), tokenizer=None)
+    with pytest.raises(features.FeaturesNotCached):
+        features.text_features(loaded, ["a photo of a cat."])
+    folder = features._shard_dir(Weightless.text_fingerprint)
+    folder.mkdir(parents=True, exist_ok=True)
+    features._write_shard(folder / "from-another-process.safetensors", ["a photo of a cat."],
+                          np.full((1, 4), 0.5, np.float32), Weightless.text_fingerprint)
+    out = features.text_features(loaded, ["a photo of a cat."])
+    assert out.shape == (1, 4) and float(out[0, 0]) == 0.5
+    features.clear_memory_cache()

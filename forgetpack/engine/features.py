@@ -46,7 +46,7 @@ class FeaturesNotCached(ForgetpackError):
 
 
 _memory: dict[tuple[str, str], np.ndarray] = {}
-_loaded_from_disk: set[str] = set()
+_loaded_from_disk: dict[str, set[tuple[str, int, int]]] = {}  # fp -> shards read
 _fingerprints: weakref.WeakKeyDictionary[Any, tuple[tuple[int, ...], str]] = weakref.WeakKeyDictionary()
 log = logging.getLogger(__name__)
 
@@ -111,16 +111,26 @@ def _shard_dir(fp: str) -> Path | None:
 
 
 def _load_disk(fp: str) -> None:
-    """Read every cache shard of one model into memory (once per process)."""
-    if fp in _loaded_from_disk:
-        return
-    _loaded_from_disk.add(fp)
+    """Read the cache shards of one model that this process has not read yet into memory.
+
+    Looked at again whenever prompts are missing, so that processes sharing a cache (a service
+    and a CLI, parallel test workers, a sweep's runs) use what the others wrote meanwhile; a
+    shard is known by its name, size and modification time (compaction rewrites one in place)."""
     folder = _shard_dir(fp)
     if folder is None or not folder.is_dir():
         return
     from safetensors import safe_open
 
+    seen = _loaded_from_disk.setdefault(fp, set())
     for path in sorted(folder.glob("*.safetensors")):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        known = (path.name, stat.st_size, stat.st_mtime_ns)
+        if known in seen:
+            continue
+        seen.add(known)
         try:
             with safe_open(str(path), framework="numpy") as f:
                 meta = f.metadata() or {}
@@ -145,15 +155,23 @@ def _save_disk(fp: str, prompts: Sequence[str], feats: np.ndarray) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
         _write_shard(folder / f"{name}.safetensors", prompts, feats, fp)
+        _read_already(fp, folder / f"{name}.safetensors")
         shards = sorted(folder.glob("*.safetensors"))
         if len(shards) > MAX_SHARDS:
             known = sorted(p for (f, p) in _memory if f == fp)
             _write_shard(folder / "compact.safetensors", known, np.stack([_memory[(fp, p)] for p in known]), fp)
+            _read_already(fp, folder / "compact.safetensors")
             for shard in shards:
                 if shard.name != "compact.safetensors":
                     shard.unlink(missing_ok=True)
     except (OSError, ForgetpackError) as exc:  # a read-only or full disk must not stop forgetting
         log.warning("feature cache not written (%s)", exc)
+
+
+def _read_already(fp: str, path: Path) -> None:
+    """A shard this process wrote holds nothing it lacks: ``_load_disk`` need not read it."""
+    stat = path.stat()
+    _loaded_from_disk.setdefault(fp, set()).add((path.name, stat.st_size, stat.st_mtime_ns))
 
 
 def _write_shard(path: Path, prompts: Sequence[str], feats: np.ndarray, fp: str) -> None:
@@ -179,9 +197,10 @@ def text_features(
     if not prompts:
         return np.zeros((0, text_width(loaded.model)), dtype=np.float32)
     fp = text_fingerprint(loaded.model, loaded.tokenizer)
-    if use_cache:
-        _load_disk(fp)
     missing = list(dict.fromkeys(p for p in prompts if (fp, p) not in _memory)) if use_cache else list(dict.fromkeys(prompts))
+    if use_cache and missing:
+        _load_disk(fp)  # shards written since the last look (by this or another process)
+        missing = [p for p in missing if (fp, p) not in _memory]
     if missing and not getattr(loaded.model, "can_encode", True):
         raise FeaturesNotCached(f"{len(missing)} prompt(s) are not in the feature cache and this model cannot encode")
     if missing:
