@@ -4,7 +4,8 @@
 Under xdist every test belongs to a group that one worker runs from start to end: its module (so a
 module-scoped fixture is built once, as in a serial run), or a group its file names with
 ``pytest.mark.xdist_group``: "ray" holds every test that starts a Ray cluster, so that two never
-run at once. Groups are handed out in the order below, the costliest first, so that no long module
+run at once; "hardened-mini" the hardened forgets on mini, whose grids share most of their prompts
+(one worker encodes them once). Groups are handed out in the order below, the costliest first, so that no long module
 starts last while the other workers sit idle. Serial runs (``-p no:xdist``, one file) are unchanged.
 """
 
@@ -18,6 +19,7 @@ from run_shared import run_dir
 # Seconds each group took on a quiet 2-core machine, roughly (python tools/test_times.py shows them);
 # only the order matters. Groups not named here follow in collection order.
 COST = {
+    "hardened-mini": 110,  # tests/test_harden.py and test_mini's hardened cat: their grids share most prompts
     "ray": 90,
     "tests/test_reliability_export.py": 80,
     "kill-export": 46,

@@ -16,7 +16,8 @@ from forgetpack.engine.variants import Variant
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.patch import read_patch
 
-pytestmark = pytest.mark.slow
+# one xdist worker runs these and mini's hardened cat test in turn: they encode the same grid prompts
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("hardened-mini")]
 
 
 @pytest.fixture(scope="module")

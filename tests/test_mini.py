@@ -111,6 +111,7 @@ def test_every_class_of_the_neighbour_groups_is_recognised(base_report):
     assert set(low) == BELOW_GROUP_BAR, low
 
 
+@pytest.mark.xdist_group("hardened-mini")  # after or before tests/test_harden.py, on one worker: shared grid encodings
 def test_forgetting_cat_keeps_its_neighbours(tmp_path, capsys):
     """The everyday acceptance, hardened: forget "cat" from its name alone; on held-out QuickDraw drawings
     cats are found at most once, and tiger, lion and dog each lose at most two drawings' worth. (The plain
