@@ -76,6 +76,28 @@ def feature_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    """The run's mini export, built once per run (tests/run_shared.py); a module that tests another
+    export (ViT-B-32, one it makes itself) defines its own ``export_dir``."""
+    from serve_helpers import serve_export
+
+    return serve_export(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def patch_files(tmp_path_factory):
+    """Real patches for "seven" and "three", as ``forgetpack forget mini`` makes them, once per run."""
+    from serve_helpers import forget_patches
+
+    return forget_patches(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def seven(patch_files):
+    return patch_files["seven"]
+
+
+@pytest.fixture(scope="module")
 def onnx_model(export_dir):
     """The onnxruntime model of the module's own ``export_dir`` (mini or ViT-B-32), 2 threads."""
     import runtime

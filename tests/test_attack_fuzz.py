@@ -10,7 +10,7 @@ import json
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from serve_helpers import ADMIN, ADMIN_TOKEN, digits, forget_patches, png, serve_export
+from serve_helpers import ADMIN, ADMIN_TOKEN, digits, png
 
 from forgetpack.cli import main
 from forgetpack.format.fileio import RawTensor, serialize
@@ -23,16 +23,6 @@ from runtime.serve.config import Limits
 pytestmark = pytest.mark.slow
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                 phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return serve_export(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def seven(tmp_path_factory):
-    return forget_patches(tmp_path_factory)["seven"]
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import pytest
-from serve_helpers import forget_patches
 
 from forgetpack.cli import main
 from forgetpack.format.patch import read_patch
@@ -27,11 +26,6 @@ def run(args: list, capsys) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-@pytest.fixture(scope="module")
-def seven(tmp_path_factory) -> Path:
-    return forget_patches(tmp_path_factory)["seven"]
 
 
 # ---------------------------------------------------------------------------- 6. honest int8 numbers

@@ -40,14 +40,6 @@ def loaded():
     return load_model("mini")
 
 
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    """The run's mini export (shared with test_runtime.py and the others; the tests here only read it or copy it)."""
-    from test_runtime import cached_export
-
-    return cached_export(tmp_path_factory, "mini")
-
-
 def _copy(src: Path, dst: Path, edit=None, reseal: bool = True) -> Path:
     """A copy of an export (graphs hard-linked) with its manifest edited, resealed or not."""
     dst.mkdir()

@@ -50,11 +50,6 @@ def mini_loaded():
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return cached_export(tmp_path_factory, "mini")
-
-
-@pytest.fixture(scope="module")
 def torch_model(mini_loaded):
     return runtime.load(mini_loaded, backend="torch")
 

@@ -11,7 +11,7 @@ import threading
 
 import numpy as np
 import pytest
-from serve_helpers import ADMIN, ADMIN_TOKEN, b64, digit_names, digits, forget_patches, png, serve_export
+from serve_helpers import ADMIN, ADMIN_TOKEN, b64, digit_names, digits, png
 
 import runtime
 from forgetpack.format.errors import ForgetpackError
@@ -22,16 +22,6 @@ from runtime.serve.batching import Closed, ImageBatcher, Overloaded
 from runtime.serve.config import Limits
 
 TOLERANCE = 1e-5
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return serve_export(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def patch_files(tmp_path_factory):
-    return forget_patches(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import threading
 import zlib
 
 import pytest
-from serve_helpers import ADMIN, ADMIN_TOKEN, b64, digits, forget_patches, png, serve_export
+from serve_helpers import ADMIN, ADMIN_TOKEN, b64, digits, png
 
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.patch import read_patch
@@ -25,16 +25,6 @@ from runtime.serve import ServeConfig, create_app
 from runtime.serve.batching import ImageBatcher, Overloaded
 from runtime.serve.config import Limits, read_admin_token
 from runtime.serve.registry import SUFFIX
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return serve_export(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def patch_files(tmp_path_factory):
-    return forget_patches(tmp_path_factory)
 
 
 def client_for(config):

@@ -9,23 +9,13 @@ import io
 
 import pytest
 from PIL import Image
-from serve_helpers import ADMIN_TOKEN, b64, digit_names, digits, forget_patches, png, serve_export
+from serve_helpers import ADMIN_TOKEN, b64, digit_names, digits, png
 
 from runtime.serve import ServeConfig, create_app
 from runtime.serve.config import Limits
 
 BINARY = "/v1/classify/binary"
 OCTETS = {"content-type": "application/octet-stream"}
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return serve_export(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def seven(tmp_path_factory):
-    return forget_patches(tmp_path_factory)["seven"]
 
 
 @pytest.fixture(scope="module")
