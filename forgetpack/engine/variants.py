@@ -19,10 +19,10 @@ import random
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
+from forgetpack.format import registry
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.fileio import check_input_file
 from forgetpack.format.names import FORGET_TEMPLATES, normalize_name
@@ -268,14 +268,11 @@ def read_lexicon(path: str | Path) -> dict[str, tuple[str, ...]]:
 
 def available_families() -> dict[str, str]:
     """Family name -> where it comes from (entry points of ``forgetpack.variant_families``)."""
-    return {ep.name: ep.value for ep in metadata.entry_points(group=GROUP)}
+    return {name: ep.value for name, ep in registry.installed(GROUP, rescan=True).items()}
 
 
 def get_family(name: str) -> Family:
-    found = {ep.name: ep for ep in metadata.entry_points(group=GROUP)}
-    if name not in found:
-        raise ForgetpackError(f"unknown variant family {name!r} (installed: {', '.join(sorted(found)) or 'none'})")
-    return found[name].load()()
+    return registry.load(GROUP, name, "variant family")()  # type: ignore[operator]
 
 
 def generate(names: Sequence[str], families: Iterable[str], context: FamilyContext) -> list[Variant]:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from forgetpack.export.text_graph import DYNAMIC_AXIS, max_sequence, sequence_kind, text_encoder, token_lengths
+from forgetpack.export.traced import traced
 from forgetpack.format.errors import ForgetpackError, one_line
 from forgetpack.format.manifest import GRAPH_ID_KEY, ExportedProjection, Tower
 from forgetpack.format.onnxfile import OnnxFile
@@ -85,13 +86,19 @@ def export_tower(
     sequence = sequence_kind(model) if tower == "text" else None
     module = text_encoder(model) if sequence is not None else reference
     input_name, input_dtype = INPUTS[tower]
+    bound = max_sequence(model) if sequence is not None else None
+
+    def trace() -> onnx.ModelProto:
+        proto = _to_onnx(module, tower, example, input_name, opset, bound)
+        strip_prefix(proto, "model.")
+        return proto
+
     with single_query_pool(model if tower == "image" else None):
-        proto = _to_onnx(module, tower, example, input_name, opset, max_sequence(model) if sequence is not None else None)
+        proto = traced(module, tower, example, opset, bound, proj.target, trace)  # once per process and weights
     written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if written != opset:  # the exporter falls back to its own opset where it cannot convert
         raise ForgetpackError(f"the ONNX exporter wrote the {tower} graph at opset {written}, not the {opset} asked for: "
                               "export at its default opset instead")
-    strip_prefix(proto, "model.")
     node, bias = projection_node(proto, tower, proj)
     matrix = initializer(proto, proj.target)
     if matrix is None:

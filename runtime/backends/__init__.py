@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from forgetpack.format import registry
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.fit import TargetInfo
 from forgetpack.format.patch import Patch
@@ -50,19 +51,12 @@ class Backend:
 
 def discover() -> dict[str, metadata.EntryPoint]:
     """Installed backends by name (entry points of group ``forgetpack.runtime_backends``)."""
-    return {ep.name: ep for ep in metadata.entry_points(group=GROUP)}
+    return registry.installed(GROUP, rescan=True)
 
 
 def backend_class(name: str) -> type:
-    """The backend class registered under ``name``, imported now."""
-    found = discover()
-    if name not in found:
-        known = ", ".join(sorted(found)) or "none"
-        raise ForgetpackError(f"unknown runtime backend {name!r} (installed: {known}; backends register in entry-point group {GROUP})")
-    try:
-        return found[name].load()
-    except ImportError as exc:
-        raise ForgetpackError(f"runtime backend {name!r} cannot be imported ({exc}); is its package installed?") from None
+    """The backend class registered under ``name``, imported now (the scan is remembered: ``format.registry``)."""
+    return registry.load(GROUP, name, "runtime backend")  # type: ignore[return-value]
 
 
 MAX_THREADS = 256

@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from forgetpack.engine.projections import Projection
+from forgetpack.format import registry
 from forgetpack.format.errors import ForgetpackError
 from forgetpack.format.patch import Layer
 
@@ -141,31 +142,15 @@ class Solver(Protocol):
 
 def available_solvers() -> dict[str, metadata.EntryPoint]:
     """Installed solvers by name (entry points of group ``forgetpack.solvers``); imports none."""
-    return {ep.name: ep for ep in metadata.entry_points(group=GROUP)}
+    return registry.installed(GROUP, rescan=True)
 
 
 def find_solver(name: str) -> metadata.EntryPoint:
-    """The entry point of solver ``name``, or a one-line error naming the installed ones.
-
-    Found names are remembered: scanning the installed packages costs about 10 ms, and a hardened
-    request builds a dozen requests (one per rank it tries). A name not found yet is looked up again,
-    so a solver installed while the process runs is still found."""
-    if name in _FOUND:
-        return _FOUND[name]
-    found = available_solvers()
-    if name not in found:
-        known = ", ".join(sorted(found)) or "none"
-        raise ForgetpackError(f"unknown solver {name!r} (installed: {known}; solvers register in entry-point group {GROUP})")
-    _FOUND.update(found)
-    return found[name]
-
-
-_FOUND: dict[str, metadata.EntryPoint] = {}
+    """The entry point of solver ``name``, or a one-line error naming the installed ones (the scan is
+    remembered: a hardened request builds a dozen requests, one per rank it tries; ``format.registry``)."""
+    return registry.find(GROUP, name, "solver")
 
 
 def get_solver(name: str) -> Solver:
     """A new instance of solver ``name``."""
-    try:
-        return find_solver(name).load()()
-    except ImportError as exc:
-        raise ForgetpackError(f"solver {name!r} cannot be imported ({exc}); is its package installed?") from None
+    return registry.load(GROUP, name, "solver")()  # type: ignore[operator]
