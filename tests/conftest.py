@@ -19,20 +19,23 @@ from run_shared import run_dir
 # Seconds each group took on a quiet 2-core machine, roughly (python tools/test_times.py shows them);
 # only the order matters. Groups not named here follow in collection order.
 COST = {
-    "hardened-mini": 110,  # tests/test_harden.py and test_mini's hardened cat: their grids share most prompts
-    "ray": 90,
-    "tests/test_reliability_export.py": 80,
-    "kill-export": 46,
-    "tests/test_export.py": 45,
-    "tests/test_mini.py": 40,
-    "tests/test_engine.py": 35,
-    "tests/test_harden.py": 35,
-    "tests/test_runtime.py": 30,
-    "tests/test_audit.py": 25,
-    "tests/test_first_hour_output.py": 18,
-    "tests/test_benchmark_paper.py": 15,
-    "tests/test_forget_cli.py": 12,
-    "tests/test_evaluate.py": 11,
+    "hardened-mini": 130,  # tests/test_harden.py and test_mini's hardened cat: their grids share most prompts
+    "ray": 55,
+    "tests/test_engine.py": 50,
+    "tests/test_export.py": 50,
+    "tests/test_benchmark_paper.py": 41,
+    "tests/test_reliability_export.py": 38,
+    "tests/test_audit.py": 29,
+    "tests/test_mini.py": 25,
+    "tests/test_first_hour_output.py": 24,
+    "tests/test_runtime.py": 19,
+    "tests/test_export_traced.py": 18,
+    "tests/test_forget_cli.py": 18,
+    "tests/test_architecture.py": 17,
+    "kill-export": 17,
+    "tests/test_index_attack.py": 15,
+    "tests/test_extras.py": 15,
+    "tests/test_evaluate.py": 12,
 }
 
 

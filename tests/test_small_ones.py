@@ -104,7 +104,10 @@ def test_serve_ray_drains_on_sigterm(tmp_path_factory) -> None:
                 ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
             except httpx.HTTPError:
                 time.sleep(0.5)
-        assert ready, f"not ready in 120 s (exit {child.poll()})"
+        if not ready:  # say why: a child that exited says so on stderr
+            child.kill()
+            _, err = child.communicate()
+            pytest.fail(f"not ready in 120 s (exit {child.returncode}): {err[-3000:]}")
         child.send_signal(signal.SIGTERM)
         _, err = child.communicate(timeout=90)
     finally:
