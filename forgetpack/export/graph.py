@@ -110,6 +110,7 @@ def export_tower(
             "the exporter changed it (constant folding?), so patches could not be verified against it"
         )
     add_features_output(proto, node, matrix.shape[0] if proj.layout == "in_out" else matrix.shape[1])
+    drop_exporter_notes(proto.graph)
     name_nodes(proto)
     set_metadata(proto, {GRAPH_ID_KEY: graph_id, "forgetpack.tower": tower})
     onnx.save_model(proto, str(path))
@@ -277,6 +278,19 @@ def add_features_output(proto: onnx.ModelProto, node: Any, width: int) -> None:
     proto.graph.node.append(onnx.helper.make_node("Identity", [node.input[0]], ["features"], name="forgetpack_features"))
     shape = [batch.dim_param or batch.dim_value or "batch", width]
     proto.graph.output.append(onnx.helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, shape))
+
+
+def drop_exporter_notes(graph: onnx.GraphProto) -> None:
+    """Remove the notes torch's exporter leaves on each node and on the graph: stack traces naming
+    the files of the machine that exported (its user's paths), fx dumps and name scopes (about 800 KB
+    in mini's text graph). A shipped graph then says nothing about where it was made, and the same
+    model exported by the same versions is the same bytes wherever forgetpack is installed."""
+    del graph.metadata_props[:]
+    for node in graph.node:
+        del node.metadata_props[:]
+        for attribute in node.attribute:  # the bodies of If and Loop nodes
+            for sub in [attribute.g] * attribute.HasField("g") + list(attribute.graphs):
+                drop_exporter_notes(sub)
 
 
 def name_nodes(proto: onnx.ModelProto) -> None:
