@@ -230,7 +230,7 @@ def test_export_refuses_a_graph_written_at_another_opset(tmp_path, monkeypatch):
     """Where the exporter cannot convert it falls back to its own opset (mini's image tower asked for 17
     came out at 18 while the manifest said 17): each graph's real opset is checked, nothing is published."""
     from forgetpack.engine.models import load_model
-    from forgetpack.export import export_loaded, graph
+    from forgetpack.export import export_loaded, graph, traced
 
     real = graph._to_onnx
 
@@ -242,6 +242,7 @@ def test_export_refuses_a_graph_written_at_another_opset(tmp_path, monkeypatch):
         return proto
 
     monkeypatch.setattr(graph, "_to_onnx", falls_back)
+    monkeypatch.setattr(traced, "_ENTRIES", type(traced._ENTRIES)())  # a fresh trace, not one an earlier test kept
     with pytest.raises(ForgetpackError, match="wrote the image graph at opset 18, not the 19 asked for"):
         export_loaded(load_model("mini"), tmp_path / "e", towers=("image",), opset=19)
     assert not (tmp_path / "e").exists()
