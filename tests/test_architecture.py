@@ -79,7 +79,7 @@ def test_cache_off_writes_nothing_anywhere(tmp_path: Path) -> None:
     env = {**os.environ, "FORGETPACK_CACHE": "off", "HOME": str(home), "MPLCONFIGDIR": str(tmp_path / "mpl")}
     for args in (["forget", "mini", "--forget", "seven", "-o", "seven.fpatch", "--json"],
                  ["eval", "mini", "--patch", "seven.fpatch", "--forget", "seven", "--dataset", "digits", "--json"]):
-        result = subprocess.run([sys.executable, "-m", "forgetpack.cli.main", *args], capture_output=True, text=True,
+        result = subprocess.run([sys.executable, "-m", "forgetpack.cli", *args], capture_output=True, text=True,
                                 cwd=work, env=env, timeout=600)
         assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in work.iterdir()) == ["seven.fpatch"]

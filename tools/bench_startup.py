@@ -41,7 +41,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = write_base(Path(tmp) / "base.safetensors")
         patch = str(make_patch(base, 1).save(Path(tmp) / "p.fpatch.safetensors"))
-        cli = [sys.executable, "-m", "forgetpack.cli.main"]
+        cli = [sys.executable, "-m", "forgetpack.cli"]
         rows = {
             "python -c pass": [sys.executable, "-c", "pass"],
             "forgetpack --help": [*cli, "--help"],
