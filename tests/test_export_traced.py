@@ -50,20 +50,36 @@ def test_a_second_export_reuses_the_trace_and_writes_the_same_bytes(mini, seven,
     assert _files(tmp_path / "plain")["text.onnx"] != kept["text.onnx"]  # the baked patch is in the graph
 
 
-def test_other_weights_or_another_opset_trace_again(mini, tmp_path, traces) -> None:
-    import torch
-
+def test_the_same_export_again_is_not_traced_again(mini, tmp_path, traces) -> None:
     from forgetpack.export import export_loaded
 
     export_loaded(mini, tmp_path / "a", towers=("image",))
-    export_loaded(mini, tmp_path / "b", towers=("image",), opset=19)
-    other = copy.deepcopy(mini)
+    export_loaded(mini, tmp_path / "b", towers=("image",))
+    assert traces == ["image"] and _files(tmp_path / "a") == _files(tmp_path / "b")
+
+
+def test_the_key_holds_every_weight_but_the_projection_and_the_opset(mini) -> None:
+    """What makes another trace: any other weight (a visual parameter +1e-3), another opset or example;
+    not the patchable projection, which each export refills with its own matrix."""
+    import torch
+
+    from forgetpack.engine.projections import find_projection
+
+    module = graph._encoder(copy.deepcopy(mini.model), "image")
+    example = torch.zeros(2, 3, 32, 32)
+    projection = "model." + find_projection(mini.model, "image").target  # the wrapper's parameter name
+
+    def key(opset: int = 18, x=example) -> str:
+        return traced._key(module, "image", x, opset, None, projection)
+
+    first = key()
+    assert key() == first and key(19) != first and key(x=example + 1) != first
+    weights = dict(module.named_parameters())
     with torch.no_grad():
-        next(other.model.visual.parameters()).add_(1e-3)  # not the projection: another graph
-    export_loaded(other, tmp_path / "c", towers=("image",))
-    assert traces == ["image"] * 3
-    export_loaded(mini, tmp_path / "d", towers=("image",))
-    assert traces == ["image"] * 3 and _files(tmp_path / "a") == _files(tmp_path / "d")
+        weights[projection].add_(1.0)
+        assert key() == first  # another baked patch: the same trace
+        next(p for n, p in weights.items() if n != projection).add_(1e-3)
+        assert key() != first
 
 
 def test_a_shipped_graph_names_no_path_of_the_machine_that_made_it(export_dir) -> None:
