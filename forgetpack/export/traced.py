@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
 MAX_ENTRIES = 4
 _ENTRIES: OrderedDict[str, bytes] = OrderedDict()
+_LOCK = threading.Lock()  # exports on two threads at once (a server building exports) share the entries
 
 
 def traced(module: torch.nn.Module, tower: str, example: torch.Tensor, opset: int, sequence: int | None,
@@ -40,9 +42,12 @@ def traced(module: torch.nn.Module, tower: str, example: torch.Tensor, opset: in
 
     key = _key(module, tower, example, opset, sequence, prefix + projection)
     weights = {name.removeprefix(prefix): p for name, p in module.named_parameters()}
-    if key in _ENTRIES:
-        _ENTRIES.move_to_end(key)
-        proto = onnx.ModelProto.FromString(_ENTRIES[key])
+    with _LOCK:
+        kept = _ENTRIES.get(key)
+        if kept is not None:
+            _ENTRIES.move_to_end(key)
+    if kept is not None:
+        proto = onnx.ModelProto.FromString(kept)
         for init in proto.graph.initializer:
             if init.name in weights and not init.raw_data:
                 init.raw_data = _array(weights[init.name]).tobytes()
@@ -54,15 +59,18 @@ def traced(module: torch.nn.Module, tower: str, example: torch.Tensor, opset: in
         weight = weights.get(init.name)
         if init.raw_data and weight is not None and _array(weight).tobytes() == init.raw_data:
             init.ClearField("raw_data")  # the model's own bytes: refilled from it on a hit
-    _ENTRIES[key] = skeleton.SerializeToString()
-    while len(_ENTRIES) > MAX_ENTRIES:
-        _ENTRIES.popitem(last=False)
+    stored = skeleton.SerializeToString()
+    with _LOCK:
+        _ENTRIES[key] = stored
+        while len(_ENTRIES) > MAX_ENTRIES:
+            _ENTRIES.popitem(last=False)
     return proto
 
 
 def forget_traces() -> None:
     """Drop every kept trace (tests compare a kept trace with a fresh one)."""
-    _ENTRIES.clear()
+    with _LOCK:
+        _ENTRIES.clear()
 
 
 def _key(module: torch.nn.Module, tower: str, example: torch.Tensor, opset: int, sequence: int | None,
