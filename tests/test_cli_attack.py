@@ -242,7 +242,7 @@ def test_export_refuses_a_graph_written_at_another_opset(tmp_path, monkeypatch):
         return proto
 
     monkeypatch.setattr(graph, "_to_onnx", falls_back)
-    monkeypatch.setattr(traced, "_ENTRIES", type(traced._ENTRIES)())  # a fresh trace, not one an earlier test kept
+    monkeypatch.setattr(traced, "_TRACES", traced.Recent(traced.MAX_ENTRIES))  # a fresh trace, not one an earlier test kept
     with pytest.raises(ForgetpackError, match="wrote the image graph at opset 18, not the 19 asked for"):
         export_loaded(load_model("mini"), tmp_path / "e", towers=("image",), opset=19)
     assert not (tmp_path / "e").exists()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from forgetpack.engine.measure import Change, TextSpace, factored
+from forgetpack.engine.measure import Change, TextSpace, cosines_after, factored
 from forgetpack.engine.preserve import unit_rows
 from forgetpack.engine.variants import Variant
 
@@ -88,10 +88,8 @@ def outcomes(space: TextSpace, change: Change | None, variants: Sequence[Variant
             reached = recognised
         elif low is None:
             reached = _wins(s, new_own[group], new_others[rows])
-        else:  # as measure.per_template: (s·b_j + (s·downᵀ)·q_j) / ‖b_j + q_j·down‖
-            Q, norm = low
-            to_others = (others.similar(rows, s, tuple(variants[i].stand_in for i in group))
-                         + (s @ change[1].T) @ Q[rows].T) / norm[rows]
+        else:
+            to_others = cosines_after(others, rows, change, low, s, tuple(variants[i].stand_in for i in group))
             reached = _wins(s, new_own[group], None, to_others)
         out += [Outcome(variants[i], bool(r), bool(h)) for i, r, h in zip(group, recognised, reached, strict=True)]
     return out

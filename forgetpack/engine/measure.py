@@ -26,6 +26,7 @@ from forgetpack.engine.preserve import Neighbourhood, unit_rows
 from forgetpack.engine.projections import Projection
 from forgetpack.engine.request import Effect, NameEffect
 from forgetpack.format.patch import Layer, Patch
+from forgetpack.format.recent import Recent
 
 MOVED_MIN = 1e-4  # cosine drift below which a name has not moved
 # Held-out phrasings retained candidates are checked under (open_clip's ImageNet templates, none
@@ -82,7 +83,7 @@ class TextSpace:
     M: np.ndarray  # feature-form base projection, y = x @ M
     bias: np.ndarray | None
     _base: dict[str, np.ndarray] = field(default_factory=dict)  # base embeddings, computed once per prompt
-    _blocks: dict[tuple[str, ...], Block] = field(default_factory=dict)  # the last MAX_BLOCKS prompt lists
+    _blocks: Recent[Block] = field(default_factory=lambda: Recent(MAX_BLOCKS))  # the last MAX_BLOCKS prompt lists
 
     def features_of(self, prompts: Sequence[str]) -> np.ndarray:
         """Features of ``prompts`` (float64; a copy the caller may change)."""
@@ -91,21 +92,18 @@ class TextSpace:
     def block(self, prompts: Sequence[str]) -> Block:
         """The stacked :class:`Block` of ``prompts`` (memoised; a prompt's features never change)."""
         key = tuple(prompts)
-        found = self._blocks.pop(key, None)  # popped and put back: the dict's order is the recency
-        if found is None and not key:
-            found = Block(*(_frozen(np.zeros((0, d))) for d in (self.M.shape[0], self.M.shape[1], self.M.shape[1])))
-        elif found is None:
-            X = np.stack([self.features[p] for p in key]).astype(np.float64)
-            todo = list(dict.fromkeys(p for p in key if p not in self._base))
-            if todo:
-                todo_X = X if len(todo) == len(key) else np.stack([self.features[p] for p in todo]).astype(np.float64)
-                self._base.update(zip(todo, self._project(todo_X, self.M), strict=True))
-            base = np.stack([self._base[p] for p in key])
-            found = Block(_frozen(X), _frozen(base), _frozen(unit_rows(base)))
-            if len(self._blocks) >= MAX_BLOCKS:
-                self._blocks.pop(next(iter(self._blocks)))
-        self._blocks[key] = found
-        return found
+        return self._blocks.get(key, lambda: self._stack(key))
+
+    def _stack(self, prompts: tuple[str, ...]) -> Block:
+        if not prompts:
+            return Block(*(_frozen(np.zeros((0, d))) for d in (self.M.shape[0], self.M.shape[1], self.M.shape[1])))
+        X = np.stack([self.features[p] for p in prompts]).astype(np.float64)
+        todo = list(dict.fromkeys(p for p in prompts if p not in self._base))
+        if todo:
+            todo_X = X if len(todo) == len(prompts) else np.stack([self.features[p] for p in todo]).astype(np.float64)
+            self._base.update(zip(todo, self._project(todo_X, self.M), strict=True))
+        base = np.stack([self._base[p] for p in prompts])
+        return Block(_frozen(X), _frozen(base), _frozen(unit_rows(base)))
 
     def embed(self, prompts: Sequence[str], M: np.ndarray | None = None) -> np.ndarray:
         """Embeddings through ``M`` (default: the base projection, memoised)."""
@@ -248,11 +246,9 @@ def per_template(space: TextSpace, templates: Sequence[str], names: Sequence[str
     block = space.block(prompts)
     low = factored(block, change) if n * len(prompts) <= SIMILARITY_BUDGET else None
     if low is not None:
-        Q, norm = low
-        P = block.unit @ change[1].T
         for k, t in enumerate(templates):
             rows = slice(k * n, (k + 1) * n)
-            cosine = (block.similar(rows) + P[rows] @ Q[rows].T) / norm[rows]
+            cosine = cosines_after(block, rows, change, low)
             yield t, prompts[rows], np.diagonal(cosine), np.argmax(cosine, axis=1)
         return
     after = unit_rows(space.changed(block, change))
@@ -272,6 +268,16 @@ def factored(block: Block, change: Change | None) -> tuple[np.ndarray, np.ndarra
     Q = block.X @ up
     squared = block.squared() + 2 * np.sum((base @ down.T) * Q, axis=1) + np.sum((Q @ (down @ down.T)) * Q, axis=1)
     return Q, np.sqrt(np.maximum(squared, 1e-24))
+
+
+def cosines_after(block: Block, rows: slice, change: Change, low: tuple[np.ndarray, np.ndarray],
+                  to: np.ndarray | None = None, key: Any = None) -> np.ndarray:
+    """Cosines of unit rows ``to`` (named by ``key``; default the block's own unit rows) to the changed
+    embeddings of the block's ``rows``, through a low-rank change's factors (``low = factored(...)``):
+    ``(u_i·b_j + (u_i·downᵀ)·q_j) / ‖b_j + q_j·down‖``, the first term kept by the block."""
+    Q, norm = low
+    units = block.unit[rows] if to is None else to
+    return (block.similar(rows, to, key) + (units @ change[1].T) @ Q[rows].T) / norm[rows]
 
 
 def cosine_drift(space: TextSpace, prompts: Sequence[str], change: Change) -> np.ndarray:

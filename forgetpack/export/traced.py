@@ -18,20 +18,19 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from forgetpack.format.recent import Recent
 
 if TYPE_CHECKING:
     import onnx
     import torch
 
 MAX_ENTRIES = 4
-_ENTRIES: OrderedDict[str, bytes] = OrderedDict()
-_LOCK = threading.Lock()  # exports on two threads at once (a server building exports) share the entries
+_TRACES: Recent[bytes] = Recent(MAX_ENTRIES)  # serialized graphs without the model's weights
 
 
 def traced(module: torch.nn.Module, tower: str, example: torch.Tensor, opset: int, sequence: int | None,
@@ -40,37 +39,26 @@ def traced(module: torch.nn.Module, tower: str, example: torch.Tensor, opset: in
     the key matches. ``projection`` is the state-dict name of the patchable matrix."""
     import onnx
 
-    key = _key(module, tower, example, opset, sequence, prefix + projection)
     weights = {name.removeprefix(prefix): p for name, p in module.named_parameters()}
-    with _LOCK:
-        kept = _ENTRIES.get(key)
-        if kept is not None:
-            _ENTRIES.move_to_end(key)
-    if kept is not None:
-        proto = onnx.ModelProto.FromString(kept)
+
+    def skeleton() -> bytes:  # the trace, with the initializers that hold the model's own bytes emptied
+        proto = trace()
         for init in proto.graph.initializer:
-            if init.name in weights and not init.raw_data:
-                init.raw_data = _array(weights[init.name]).tobytes()
-        return proto
-    proto = trace()
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(proto)
-    for init in skeleton.graph.initializer:
-        weight = weights.get(init.name)
-        if init.raw_data and weight is not None and _array(weight).tobytes() == init.raw_data:
-            init.ClearField("raw_data")  # the model's own bytes: refilled from it on a hit
-    stored = skeleton.SerializeToString()
-    with _LOCK:
-        _ENTRIES[key] = stored
-        while len(_ENTRIES) > MAX_ENTRIES:
-            _ENTRIES.popitem(last=False)
+            weight = weights.get(init.name)
+            if init.raw_data and weight is not None and _array(weight).tobytes() == init.raw_data:
+                init.ClearField("raw_data")
+        return proto.SerializeToString()
+
+    proto = onnx.ModelProto.FromString(_TRACES.get(_key(module, tower, example, opset, sequence, prefix + projection), skeleton))
+    for init in proto.graph.initializer:  # refilled from this model: its projection is this export's
+        if init.name in weights and not init.raw_data:
+            init.raw_data = _array(weights[init.name]).tobytes()
     return proto
 
 
 def forget_traces() -> None:
     """Drop every kept trace (tests compare a kept trace with a fresh one)."""
-    with _LOCK:
-        _ENTRIES.clear()
+    _TRACES.clear()
 
 
 def _key(module: torch.nn.Module, tower: str, example: torch.Tensor, opset: int, sequence: int | None,

@@ -22,13 +22,12 @@ side has rank ≤ n_f, so the exact optimum already has rank ≤ the number of f
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from forgetpack.engine.solvers import Problem, Solution, Weights
+from forgetpack.format.recent import Recent
 
 RANK_TOL = 1e-9  # singular values below this fraction of the largest are numerical noise
 
@@ -89,7 +88,7 @@ def solve_closed_form(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
     """
     digests = {name: _digest(getattr(problem, name)) for name in ("M", "X_f", "T", "X_p", "Y_p")}
     key = (repr((problem.weights, problem.n_preserve)), *digests.values())
-    found = _kept(_DECOMPOSITIONS, key, lambda: _decompose(problem, digests))
+    found = _DECOMPOSITIONS.get(key, lambda: _decompose(problem, digests))
     lifted, Uc, S, Vct = found
     nonzero = int(np.sum(S > RANK_TOL * max(S[0], 1e-300))) if S.size else 0
     r = max(1, min(nonzero, problem.rank or nonzero))
@@ -103,23 +102,9 @@ def solve_closed_form(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
 # truncates the last SVD; its rounds change the forget rows or the preserve rows' weights, rarely
 # both, so each Gram matrix recurs. Every entry is computed exactly as without the cache.
 MAX_KEPT = 8
-_DECOMPOSITIONS: dict[Any, Any] = {}  # rank-independent part of a solve
-_GRAMS: dict[Any, Any] = {}  # Xᵀ X of a row block
-_RESIDUALS: dict[Any, Any] = {}  # whether Y_p = X_p M exactly (the usual preserve target)
-_LOCK = threading.Lock()  # the service solves in threads
-
-
-def _kept(cache: dict[Any, Any], key: Any, compute: Callable[[], Any]) -> Any:
-    """``cache[key]``, computed by ``compute`` when missing; the ``MAX_KEPT`` most recent are kept."""
-    with _LOCK:
-        found = cache.pop(key, None)
-    if found is None:
-        found = compute()
-    with _LOCK:
-        cache[key] = found  # most recently used last
-        while len(cache) > MAX_KEPT:
-            cache.pop(next(iter(cache)))
-    return found
+_DECOMPOSITIONS: Recent[Any] = Recent(MAX_KEPT)  # rank-independent part of a solve
+_GRAMS: Recent[np.ndarray] = Recent(MAX_KEPT)  # Xᵀ X of a row block
+_RESIDUALS: Recent[bool] = Recent(MAX_KEPT)  # whether Y_p = X_p M exactly (the usual preserve target)
 
 
 def _digest(array: np.ndarray) -> bytes:
@@ -134,12 +119,12 @@ def _decompose(problem: Problem, digests: dict[str, bytes]) -> tuple[np.ndarray,
     """``A V Λ^-½`` and the SVD of ``Λ^½ Vᵀ C`` (see ``solve_closed_form``)."""
     a, b, c = coefficients(problem)
     X_f, X_p, M = problem.X_f, problem.X_p, problem.M
-    G = a * _kept(_GRAMS, digests["X_f"], lambda: X_f.T @ X_f) + c * np.eye(M.shape[0])
+    G = a * _GRAMS.get(digests["X_f"], lambda: X_f.T @ X_f) + c * np.eye(M.shape[0])
     X, C = X_f, a * (problem.T - X_f @ M)
     if len(X_p):
-        G += b * _kept(_GRAMS, digests["X_p"], lambda: X_p.T @ X_p)
+        G += b * _GRAMS.get(digests["X_p"], lambda: X_p.T @ X_p)
         residual = (digests["Y_p"], digests["X_p"], digests["M"])
-        if not _kept(_RESIDUALS, residual, lambda: not np.any(problem.Y_p - X_p @ M != 0)):
+        if not _RESIDUALS.get(residual, lambda: not np.any(problem.Y_p - X_p @ M != 0)):
             X, C = np.concatenate([X, X_p]), np.concatenate([C, b * (problem.Y_p - X_p @ M)])
     A = np.linalg.solve(G, X.T)  # [width, n]
     K = X @ A
