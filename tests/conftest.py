@@ -19,7 +19,7 @@ from run_shared import run_dir
 # Seconds each group took on a quiet 2-core machine, roughly (python tools/test_times.py shows them);
 # only the order matters. Groups not named here follow in collection order.
 COST = {
-    "hardened-mini": 130,  # tests/test_harden.py and test_mini's hardened cat: their grids share most prompts
+    "hardened-mini": 130,  # tests/test_harden.py: its tests share most grid prompts
     "ray": 55,
     "tests/test_engine.py": 50,
     "tests/test_export.py": 50,

@@ -25,7 +25,7 @@ from forgetpack.format.patch import Patch, display_name
 
 ENGINE_VERSION = 1  # recorded in every recipe
 DEFAULT_SOLVER = "closed-form"
-TARGETS = ("antipode", "mirror", "empty")
+TARGETS = ("mirror", "antipode", "empty")
 TARGET_NORMS = ("original", "unit")
 DEFAULT_TARGET = TARGETS[0]
 DEFAULT_TARGET_NORM = TARGET_NORMS[0]

@@ -1,9 +1,9 @@
 """Where each forget prompt should land after the patch.
 
-- ``antipode`` (default): minus its own original embedding.
-- ``mirror``: its reflection through the mean direction of the other candidates (same
-  template): what every class shares is kept, what distinguishes this one is negated; the norm
-  is kept.
+- ``mirror`` (default): its reflection through the mean direction of the other candidates
+  (same template): what every class shares is kept, what distinguishes this one is negated,
+  and never less than orthogonal to the original; the norm is kept.
+- ``antipode``: minus its own original embedding.
 - ``empty``: the paper's, the normalised embedding of the empty string, re-drawn with N(0, 0.5)
   noise while its nearest candidate class is a forget class.
 
@@ -36,6 +36,11 @@ def forget_targets(ctx: SolveContext, target: str, norm: str, seed: int) -> np.n
 
 
 def _mirror(ctx: SolveContext) -> np.ndarray:
+    """Reflect through the other candidates' mean direction, then take away what still points
+    along the original (a class that resembles the mean, such as "dog", reflects to a positive
+    cosine, and 2 of its 9 drawings stayed found on mini). A prompt lands at cosine ≤ 0 to where it
+    was rather than at −1 (the antipode), a shorter move, and the update carries other prompts
+    along less: docs/engine.md, "Targets", has the numbers on mini's everyday objects."""
     others = [c for c in ctx.candidates if c not in set(ctx.forget)]
     rows = []
     for t in ctx.templates:
@@ -44,7 +49,14 @@ def _mirror(ctx: SolveContext) -> np.ndarray:
         u = mean / max(float(np.linalg.norm(mean)), 1e-12)
         along = (y @ u)[:, None] * u[None, :]
         rows.append(2 * along - y)
-    return np.concatenate(rows)
+    return _at_most_orthogonal(np.concatenate(rows), ctx.space.embed(ctx.prompts(ctx.forget)))
+
+
+def _at_most_orthogonal(target: np.ndarray, original: np.ndarray) -> np.ndarray:
+    """``target`` without its positive component along ``original`` (row by row), at the original's norm."""
+    unit = unit_rows(original)
+    turned = target - np.maximum((target * unit).sum(axis=1, keepdims=True), 0.0) * unit
+    return unit_rows(turned) * np.linalg.norm(original, axis=1, keepdims=True)
 
 
 def _empty(ctx: SolveContext, original: np.ndarray, norm: str, seed: int) -> np.ndarray:

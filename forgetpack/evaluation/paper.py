@@ -13,7 +13,7 @@ disk, or mini's built-in sets) for each solver side by side:
   prompt (the paper forgets the prompt it classifies with), no text-space verification. On mini
   it forgets one request of eight (docs/benchmark.md); solved for the bare name only, as
   ``tools/bench_solvers.py``'s "paper as published" is, none;
-- ``default``: forgetpack's defaults (closed form, antipode target, five templates, verified);
+- ``default``: forgetpack's defaults (closed form, mirror target, five templates, verified);
 - any installed solver name: forgetpack's defaults with that solver.
 
 Every request is solved by :func:`forgetpack.engine.solve.forget` with the datasets' class names

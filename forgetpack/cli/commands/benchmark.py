@@ -32,7 +32,7 @@ def benchmark() -> None:
 @click.option("--data-root", type=click.Path(path_type=Path), metavar="DIR",
               help="Folder holding the datasets (see docs/benchmark.md); not used with mini.")
 @click.option("--datasets", "datasets", multiple=True, metavar="D",
-              help="dogs, cars, caltech101, flowers (mini: mnist, letters); repeatable or comma-separated. Default: all.")
+              help="dogs, cars, caltech101, flowers (mini: mnist, letters, quickdraw, fashion); repeatable or comma-separated. Default: all.")
 @click.option("--solver", "solvers", multiple=True, metavar="S",
               help="paper (the method as published), default (forgetpack's) or an installed solver; repeatable. Default: paper and default.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (instead of the tables).")

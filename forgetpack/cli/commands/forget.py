@@ -99,7 +99,7 @@ def _given(**options: Any) -> dict[str, Any]:
 @click.option("--auto-preserve", type=int, help="Preserve the K nearest vocabulary names of each forget name (default 20).")
 @click.option("--vocabulary-file", type=click.Path(path_type=Path), help="Extra candidate names, one per line.")
 @click.option("--solver", type=_SOLVERS, help=f"An installed solver ({DEFAULT_SOLVER} by default); see 'forgetpack backends'.")
-@click.option("--target", type=_TARGETS, help="Where forget prompts go: antipode (default), mirror, or empty (the paper's).")
+@click.option("--target", type=_TARGETS, help="Where forget prompts go: mirror (default), antipode, or empty (the paper's).")
 @click.option("--target-norm", type=_NORMS, help="Target norm: original (default) or unit (the paper's).")
 @click.option("--template", "templates", multiple=True, help="A prompt template with '{}' (repeatable; default: 5 common ones).")
 @click.option("--rank", type=int, help="Rank of the update (default: the solver's).")
