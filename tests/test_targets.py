@@ -23,6 +23,8 @@ def test_a_target_is_turned_at_most_orthogonal_and_keeps_the_original_norm() -> 
     assert (before[:3] > 0.5).all() and np.allclose(after[:3], 0.0, atol=1e-12)  # pointed along: now orthogonal
     assert (before[3:] < 0).all() and np.allclose(after[3:], before[3:])  # already away: direction kept
     assert np.allclose(np.linalg.norm(turned, axis=1), np.linalg.norm(original, axis=1))
+    along = _at_most_orthogonal(2 * original[:2], original[:2])  # nothing left after the turn: opposite, not zero
+    assert np.allclose(along, -original[:2])
 
 
 def test_the_default_target_sends_the_forget_name_at_most_orthogonal_not_opposite() -> None:

@@ -31,31 +31,35 @@ def forget_targets(ctx: SolveContext, target: str, norm: str, seed: int) -> np.n
     if target == "antipode":
         return -original
     if target == "mirror":
-        return _mirror(ctx)
+        return _mirror(ctx, original)
     return _empty(ctx, original, norm, seed)
 
 
-def _mirror(ctx: SolveContext) -> np.ndarray:
+def _mirror(ctx: SolveContext, original: np.ndarray) -> np.ndarray:
     """Reflect through the other candidates' mean direction, then take away what still points
     along the original (a class that resembles the mean, such as "dog", reflects to a positive
     cosine, and 2 of its 9 drawings stayed found on mini). A prompt lands at cosine ≤ 0 to where it
     was rather than at −1 (the antipode), a shorter move, and the update carries other prompts
     along less: docs/engine.md, "Targets", has the numbers on mini's everyday objects."""
     others = [c for c in ctx.candidates if c not in set(ctx.forget)]
+    n = len(ctx.forget)
     rows = []
-    for t in ctx.templates:
-        y = ctx.space.embed([t.format(f) for f in ctx.forget])
+    for k, t in enumerate(ctx.templates):
+        y = original[k * n : (k + 1) * n]  # this template's rows (template-major)
         mean = ctx.space.embed([t.format(c) for c in others]).mean(axis=0) if others else y.mean(axis=0)
         u = mean / max(float(np.linalg.norm(mean)), 1e-12)
-        along = (y @ u)[:, None] * u[None, :]
-        rows.append(2 * along - y)
-    return _at_most_orthogonal(np.concatenate(rows), ctx.space.embed(ctx.prompts(ctx.forget)))
+        rows.append(2 * (y @ u)[:, None] * u[None, :] - y)
+    return _at_most_orthogonal(np.concatenate(rows), original)
 
 
 def _at_most_orthogonal(target: np.ndarray, original: np.ndarray) -> np.ndarray:
-    """``target`` without its positive component along ``original`` (row by row), at the original's norm."""
+    """``target`` without its positive component along ``original`` (row by row), at the original's
+    norm. A row left with nothing (a target along the original: no other candidate to reflect
+    through) goes opposite the original instead of to zero."""
     unit = unit_rows(original)
     turned = target - np.maximum((target * unit).sum(axis=1, keepdims=True), 0.0) * unit
+    empty = np.linalg.norm(turned, axis=1) <= 1e-9 * np.linalg.norm(target, axis=1)
+    turned[empty] = -unit[empty]
     return unit_rows(turned) * np.linalg.norm(original, axis=1, keepdims=True)
 
 
